@@ -1,0 +1,23 @@
+"""Test setup: several forced CPU devices, so that the sharded paths run on one machine."""
+
+import os
+
+# Must be set before jax is imported anywhere in the test session.
+_FLAGS = os.environ.get('XLA_FLAGS', '')
+if 'xla_force_host_platform_device_count' not in _FLAGS:
+  os.environ['XLA_FLAGS'] = (_FLAGS + ' --xla_force_host_platform_device_count=4').strip()
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+IDRID_DIR = REPO_ROOT.parent / 'shared' / 'data' / 'idrid'
+
+
+@pytest.fixture(scope='session')
+def idrid_dir() -> pathlib.Path:
+  """The read-only IDRiD training splits beside the checkout (skips if absent)."""
+  if not IDRID_DIR.is_dir():
+    pytest.skip(f'IDRiD data not found at {IDRID_DIR}')
+  return IDRID_DIR
