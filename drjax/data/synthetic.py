@@ -1,0 +1,762 @@
+"""Procedural colour fundus photographs with pixel-exact lesion masks, by DR grade.
+
+The embedded default dataset of drjax (issue 3, section 1): it trains and explains
+anywhere, offline, and its lesions are known to the pixel. Everything is numpy,
+vectorised over pixels and over lesions/vessel segments, and deterministic from a seed.
+
+Anatomy is drawn in resolution-free units (the field of view has radius 1), so
+one seed gives the same eye at every image size, and the seeds of the anatomy,
+the camera, the lesions and the sensor noise are separate streams: for a given
+seed, grades 0, 1 and 2 show the same eye photographed the same way and differ
+only by their lesions (grades 3 and 4 also bead the veins).
+
+Grades follow the international clinical DR severity scale (Wilkinson et al.,
+Ophthalmology 2003): 0 no apparent retinopathy; 1 microaneurysms only; 2 more
+than microaneurysms (dot/blot haemorrhages, hard exudates, maybe cotton-wool
+spots); 3 severe NPDR (many haemorrhages in all four quadrants, venous beading);
+4 PDR (neovascularisation, maybe a preretinal haemorrhage).
+
+A lesion mask holds the pixels where that lesion changed the final uint8 image by
+at least `MASK_THRESHOLD` grey levels (in some channel); no pixel outside the
+masks changed by more than about that much because of a lesion.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')
+MA, HE, EX, SE, NV = range(len(LESION_TYPES))
+NUM_GRADES = 5
+
+# Kaggle 2015 Diabetic Retinopathy Detection (EyePACS) training-set grade counts.
+EYEPACS_COUNTS = (25810, 2443, 5292, 873, 708)
+EYEPACS_PRIOR = tuple(c / sum(EYEPACS_COUNTS) for c in EYEPACS_COUNTS)
+
+# Grey levels (0-255, any channel) a lesion must change a pixel by to be in its mask.
+MASK_THRESHOLD = 3
+
+# Step of the vessel polylines, in FOV radii (2.4 px at 512 px).
+_DS = 0.01
+_F32 = np.float32
+
+# Scene colours are in nominal grey levels before the camera's exposure and cast.
+# Multiplicative factors darken mostly green and blue, as blood does in real
+# fundus photographs (vessels and red lesions have most contrast in green).
+_VEIN = np.array([0.62, 0.40, 0.55], _F32)
+_ARTERY = np.array([0.80, 0.62, 0.72], _F32)
+_MA_FACTOR = np.array([0.58, 0.30, 0.40], _F32)
+_HE_FACTOR = np.array([0.52, 0.27, 0.36], _F32)
+_PRERETINAL_FACTOR = np.array([0.40, 0.16, 0.22], _F32)
+_NV_FACTOR = np.array([0.78, 0.42, 0.52], _F32)
+_EX_COLOUR = np.array([250.0, 222.0, 120.0], _F32)
+_SE_COLOUR = np.array([235.0, 220.0, 196.0], _F32)
+
+
+# ----------------------------------------------------------------------------------
+# Small numpy helpers.
+
+
+@functools.lru_cache(maxsize=64)
+def _interp_matrix(size: int, grid: int) -> tuple[np.ndarray, float]:
+  """[size, grid] weights that smoothly upsample a coarse grid spanning the image,
+  and the std of noise upsampled with them (so that it can be rescaled to unit std)."""
+  pos = (np.arange(size) + 0.5) / size * (grid - 1)
+  w = np.exp(-0.5 * ((pos[:, None] - np.arange(grid)[None, :]) / 0.75) ** 2)
+  w = (w / w.sum(1, keepdims=True)).astype(_F32)
+  w.setflags(write=False)
+  # Var of (W g W^T)[s, t] for iid unit g is |W_s|^2 |W_t|^2.
+  return w, float(np.mean(np.sum(w.astype(float) ** 2, 1)))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, grid: int, channels: int = 1) -> np.ndarray:
+  """Band-limited noise [size, size, channels] with about unit std (two small matmuls each)."""
+  g = rng.standard_normal((channels, grid, grid), dtype=_F32)
+  w, var = _interp_matrix(size, grid)
+  wt = w.T * _F32(1 / var)
+  if channels == 1:
+    return (w @ g[0] @ wt)[..., None]
+  return np.stack([w @ gc @ wt for gc in g], -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
+  """[n, n] Gaussian blur matrix, rows renormalised at the borders."""
+  d = np.arange(n, dtype=_F32)
+  g = np.exp(-0.5 * ((d[:, None] - d[None, :]) / _F32(sigma)) ** 2)
+  g /= g.sum(1, keepdims=True)
+  g.setflags(write=False)
+  return g
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian blur of [H, W] or [H, W, C] along the first two axes.
+
+  Sub-pixel blurs use a 3-tap kernel of the same variance (edges replicated);
+  wider ones (unfocused photographs) two matmuls with a dense Gaussian matrix.
+  """
+  if sigma < 0.3:
+    return x
+  if sigma > 0.8:
+    gy, gx = _gauss_matrix(x.shape[0], sigma), _gauss_matrix(x.shape[1], sigma)
+    y = (gy @ x.reshape(x.shape[0], -1)).reshape(x.shape)
+    y = np.tensordot(y, gx, axes=([1], [1]))  # [H, (C,) W]
+    return np.moveaxis(y, -1, 1) if x.ndim == 3 else y
+  k = _F32(sigma * sigma / 2)
+  for axis in (0, 1):
+    xs = np.moveaxis(x, axis, 0)
+    pair = xs[:-1] + xs[1:]
+    pair *= k
+    # pair[j] = k (x[j] + x[j+1]) is added to out[j] and out[j+1], so each x[j]
+    # gets 2k extra weight, taken off here.
+    out = xs * (1 - 4 * k)
+    out[1:] += pair
+    out[:-1] += pair
+    out[0] += 2 * k * xs[0]  # Edges replicated.
+    out[-1] += 2 * k * xs[-1]
+    x = np.moveaxis(out, 0, axis)
+  return x
+
+
+def _splat(acc: np.ndarray, y: np.ndarray, x: np.ndarray, half: int, alpha_fn) -> None:
+  """Max-combines one alpha patch per object into `acc` [H, W], in place.
+
+  Args:
+    acc: [H, W] float32 alpha map.
+    y, x: [N] pixel coordinates of the patch centres (pixel centres at k + 0.5).
+    half: patch half size in pixels; patches are [2 * half + 1] squared.
+    alpha_fn: (dy [N, P, 1], dx [N, 1, P]) -> alpha [N, P, P], where dy, dx are the
+      offsets of the pixel centres from (y, x).
+  """
+  if len(y) == 0:
+    return
+  h, w = acc.shape
+  offs = np.arange(-half, half + 1)
+  iy = np.floor(y).astype(np.int64)[:, None] + offs
+  ix = np.floor(x).astype(np.int64)[:, None] + offs
+  dy = (iy + 0.5 - y[:, None]).astype(_F32)[:, :, None]
+  dx = (ix + 0.5 - x[:, None]).astype(_F32)[:, None, :]
+  a = np.broadcast_to(alpha_fn(dy, dx), (len(y), len(offs), len(offs)))
+  valid = (((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]) & (a > 0)
+  flat = iy[:, :, None] * w + ix[:, None, :]
+  np.maximum.at(acc.reshape(-1), flat[valid], a[valid].astype(_F32))
+
+
+def _ellipses(acc, y, x, a, b, theta, opacity, soft=False, flat_top=None):
+  """Draws filled ellipses (pixel units) into the alpha map `acc` [H, W].
+
+  Hard ellipses get a one-pixel anti-aliased edge; soft ones fall off smoothly
+  (cotton-wool spots). `flat_top` [N] (pixels above the centre) cuts the ellipse
+  with a horizontal line, the fluid level of a preretinal haemorrhage.
+  """
+  if len(y) == 0:
+    return
+  a, b = np.maximum(a, 0.3), np.maximum(b, 0.3)
+  col = lambda v: np.asarray(v, _F32)[:, None, None]
+  ca, cb, ct, cs, op = col(a), col(b), col(np.cos(theta)), col(np.sin(theta)), col(opacity)
+  half = int(np.ceil(max(a.max(), b.max()) + 2))
+
+  def alpha_fn(dy, dx):
+    u = dx * ct + dy * cs
+    v = -dx * cs + dy * ct
+    d = np.sqrt((u / ca) ** 2 + (v / cb) ** 2)
+    if soft:
+      al = np.clip(1 - d * d, 0, 1) ** 1.5
+    else:
+      rho = np.sqrt(u * u + v * v)
+      rdir = np.where(d > 1e-6, rho / np.maximum(d, 1e-6), np.minimum(ca, cb))
+      # Coverage cap: an ellipse smaller than a pixel only darkens it partly.
+      al = np.minimum(np.clip((1 - d) * rdir + 0.5, 0, 1), np.pi * ca * cb)
+    if flat_top is not None:
+      al = al * np.clip(dy + col(flat_top) + 0.5, 0, 1)
+    return al * op
+
+  _splat(acc, np.asarray(y, float), np.asarray(x, float), half, alpha_fn)
+
+
+def _segments(acc, p0, p1, w0, w1):
+  """Draws tapered line segments (vessels) into `acc` [H, W]; pixel units, [N, 2] = (x, y)."""
+  if len(p0) == 0:
+    return
+  mid = 0.5 * (p0 + p1)
+  half = int(np.ceil(0.5 * np.abs(p1 - p0).max() + max(w0.max(), w1.max()) + 1.5))
+  col = lambda v: np.asarray(v, _F32)[:, None, None]
+  ex, ey = col(p1[:, 0] - p0[:, 0]), col(p1[:, 1] - p0[:, 1])
+  ox, oy = col(p0[:, 0] - mid[:, 0]), col(p0[:, 1] - mid[:, 1])
+  len2 = np.maximum(ex * ex + ey * ey, 1e-6)
+  cw0, cw1 = col(w0), col(w1)
+
+  def alpha_fn(dy, dx):
+    rx, ry = dx - ox, dy - oy
+    t = np.clip((rx * ex + ry * ey) / len2, 0, 1)
+    d = np.sqrt((rx - t * ex) ** 2 + (ry - t * ey) ** 2)
+    w = cw0 + t * (cw1 - cw0)
+    core = np.minimum(np.clip(w + 0.5 - d, 0, 1), 2 * w)
+    # Rounder profile: a vessel is a blood-filled cylinder, darkest on its axis.
+    return core * (1 - 0.3 * np.clip(d / (w + 0.5), 0, 1) ** 2)
+
+  _splat(acc, mid[:, 1], mid[:, 0], half, alpha_fn)
+
+
+# ----------------------------------------------------------------------------------
+# Anatomy (resolution-free units: FOV centre at 0, radius 1, y pointing down).
+
+
+def _grow_vessels(rng, p0, h0, w0, length, kappa, decay, tort, depth, vein, fovea, max_depth=3):
+  """Grows vessels as polylines and, generation by generation, their branches.
+
+  Each generation is one batch of array operations. A vessel's heading integrates
+  the curvature `kappa * exp(-s / decay)` (constant where decay is inf) plus a
+  random walk (tortuosity); it stops at the FOV edge and at the foveal avascular
+  zone. Branches leave at 25-65 degrees with 50-78% of the parent's width, and the
+  parent thins after each (Murray's law).
+
+  Args are [m] arrays (p0 [m, 2]) for the first generation; fovea = (x, y).
+
+  Returns:
+    dict of flat per-point arrays: x, y, w (half-width), s (arc length), vid
+    (vessel id), depth, vein; and seg (bool: point i joins point i + 1).
+  """
+  fx, fy = fovea
+  parts, first_id = [], 0
+  while len(p0):
+    m = len(p0)
+    n = np.maximum((length / _DS).astype(int), 3)
+    big_n = int(n.max())
+    k = np.arange(big_n)
+    s = k * _DS
+    with np.errstate(divide='ignore'):
+      kap = kappa[:, None] * np.exp(-s[None, :] / decay[:, None])
+    walk = rng.standard_normal((m, big_n)) * (tort * np.sqrt(_DS))[:, None]
+    heading = h0[:, None] + np.cumsum(kap * _DS + walk, 1)
+    dx, dy = np.cos(heading) * _DS, np.sin(heading) * _DS
+    x = p0[:, :1] + np.cumsum(dx, 1) - dx
+    y = p0[:, 1:] + np.cumsum(dy, 1) - dy
+    bad = (x * x + y * y > 1.0) | ((x - fx) ** 2 + (y - fy) ** 2 < 0.09 ** 2)
+    bad[:, :2] = False
+    bad |= k[None, :] >= n[:, None]
+    end = np.where(bad.any(1), bad.argmax(1), big_n)
+    w = w0[:, None] * (1 - 0.3 * s[None, :] / length[:, None])
+    # Branches.
+    nb = int(s[-1] / 0.1) + 1
+    rows = np.repeat(np.arange(m)[:, None], nb, 1)
+    pos = rng.uniform(0.05, 0.12, (m, 1)) + np.cumsum(
+        rng.uniform(0.1, 0.24, (m, nb)) * (0.85 ** depth)[:, None], 1)
+    side = rng.integers(0, 2, (m, nb)) * 2.0 - 1.0
+    ratio = rng.uniform(0.5, 0.78, (m, nb))
+    angle = rng.uniform(0.45, 1.1, (m, nb))
+    lens = rng.uniform(0.2, 0.55, (m, nb)) * (0.8 ** depth)[:, None]
+    curv = rng.uniform(-0.5, 2.0, (m, nb))
+    ib = np.minimum((pos / _DS).astype(int), big_n - 1)
+    wc = np.take_along_axis(w, ib, 1) * ratio
+    ok = ((pos < (end * _DS)[:, None] - 0.04) & (end >= 3)[:, None]
+          & (depth < max_depth)[:, None] & (wc >= 0.0018))
+    count = np.zeros((m, big_n + 1))
+    np.add.at(count, (rows[ok], ib[ok] + 1), 1)
+    w *= 0.93 ** np.cumsum(count, 1)[:, :big_n]
+    keep = (k[None, :] < end[:, None]) & (end >= 3)[:, None]
+    r = np.broadcast_to(np.arange(m)[:, None], (m, big_n))[keep]
+    seg = keep.copy()
+    seg[:, :-1] &= keep[:, 1:]
+    seg[:, -1] = False
+    parts.append(dict(x=x[keep], y=y[keep], w=w[keep], s=np.broadcast_to(s, (m, big_n))[keep],
+                      vid=first_id + r, depth=depth[r], vein=vein[r], seg=seg[keep]))
+    first_id += m
+    rb, cb = rows[ok], ib[ok]
+    p0 = np.stack([x[rb, cb], y[rb, cb]], -1)
+    h0 = heading[rb, cb] + side[ok] * angle[ok]
+    w0, length = wc[ok], lens[ok]
+    kappa, decay = side[ok] * curv[ok], np.full(len(rb), np.inf)
+    tort, depth, vein = tort[rb] * 1.2, depth[rb] + 1, vein[rb]
+  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _vessel_tree(rng, disc, fovea):
+  """The retinal vessel tree of a right eye: four arcades (artery + vein) and small vessels."""
+  p0, h0, w0, length, kappa, decay, tort, depth, vein = ([] for _ in range(9))
+
+  def add(*args):
+    for lst, val in zip((p0, h0, w0, length, kappa, decay, tort, depth, vein), args, strict=True):
+      lst.append(val)
+
+  for side in (-1.0, 1.0):  # -1 superior (y up), +1 inferior.
+    for is_vein in (False, True):
+      w = rng.uniform(0.0100, 0.0120) if is_vein else rng.uniform(0.0072, 0.0088)
+      start = disc + [rng.normal(0, 0.01), side * rng.uniform(0.0, 0.02)]
+      # Temporal arcade: leaves the disc vertically and bends around the macula
+      # by `turn` radians, most of it within `dec` of the disc.
+      turn, dec = np.deg2rad(rng.uniform(95, 125)), rng.uniform(0.35, 0.55)
+      add(start, side * np.deg2rad(rng.uniform(92, 112)), w, rng.uniform(1.4, 1.8),
+          side * turn / dec, dec, 0.35, 0, is_vein)
+      # Nasal vessel: straighter, towards the nasal periphery.
+      add(start, side * np.deg2rad(rng.uniform(35, 70)), 0.8 * w, rng.uniform(0.5, 0.9),
+          -side * rng.uniform(0, 1.0), np.inf, 0.5, 1, is_vein)
+  # Small vessels from the disc: papillomacular (temporal) and nasal.
+  for mean_h, count, lo, hi in ((np.pi, rng.integers(3, 6), 0.3, 0.6),
+                                (0.0, rng.integers(2, 4), 0.2, 0.4)):
+    for _ in range(count):
+      add(disc + rng.normal(0, 0.03, 2), mean_h + rng.normal(0, 0.35), rng.uniform(0.002, 0.0035),
+          rng.uniform(lo, hi), rng.normal(0, 1.0), np.inf, 0.8, 2, bool(rng.integers(2)))
+  arr = lambda v, dt=float: np.asarray(v, dt)
+  return _grow_vessels(rng, arr(p0), arr(h0), arr(w0), arr(length), arr(kappa), arr(decay),
+                       arr(tort), arr(depth, int), arr(vein, bool), fovea)
+
+
+def _bead_veins(rng, vessels, count):
+  """Venous beading (a severe-NPDR sign): periodic swellings along `count` large veins."""
+  v = vessels
+  ids = np.unique(v['vid'][v['vein'] & (v['depth'] <= 1) & (v['s'] > 0.2)])
+  if len(ids) == 0:
+    return
+  for i in rng.choice(ids, size=min(len(ids), count), replace=False):
+    on = v['vid'] == i
+    s = v['s'][on]
+    s0 = rng.uniform(0.15, 0.4) * s[-1]
+    s1 = s0 + rng.uniform(0.25, 0.6)
+    lam = rng.uniform(0.03, 0.05)
+    bump = (0.5 + 0.5 * np.sin(2 * np.pi * (s - s0) / lam)) ** 3
+    v['w'][on] *= np.where((s >= s0) & (s <= s1), 1.0 + rng.uniform(0.6, 0.9) * bump, 1.0)
+
+
+def _render_vessels(vessels, to_px, scale, size):
+  """Alpha maps [H, W] of arteries and veins."""
+  v = vessels
+  p = to_px(np.stack([v['x'], v['y']], -1))
+  w = v['w'] * scale
+  maps = []
+  for is_vein in (False, True):
+    acc = np.zeros((size, size), _F32)
+    i = np.flatnonzero(v['seg'] & (v['vein'] == is_vein))
+    # Thin and thick segments in separate calls, so thin ones use small patches.
+    thick = np.maximum(w[i], w[i + 1]) > 1.5
+    for sel in (i[thick], i[~thick]):
+      _segments(acc, p[sel], p[sel + 1], w[sel], w[sel + 1])
+    maps.append(acc)
+  return maps
+
+
+# ----------------------------------------------------------------------------------
+# Lesions.
+
+
+def _sample_points(rng, n, centre, spread, disc, disc_r, r_max=0.92):
+  """n points ~ N(centre, spread) inside the FOV and off the optic disc."""
+  pts = np.zeros((0, 2))
+  for _ in range(20):
+    if len(pts) >= n:
+      break
+    c = rng.normal(centre, spread, size=(4 * n + 8, 2))
+    ok = (np.hypot(c[:, 0], c[:, 1]) < r_max) & (
+        np.hypot(c[:, 0] - disc[0], c[:, 1] - disc[1]) > 1.3 * disc_r)
+    pts = np.concatenate([pts, c[ok]])
+  return pts[:n]
+
+
+def _sample_quadrant(rng, n, q, disc, disc_r):
+  """n points in quadrant q (0..3, around the FOV centre), off the disc."""
+  pts = np.zeros((0, 2))
+  for _ in range(20):
+    if len(pts) >= n:
+      break
+    ang = (q + rng.uniform(0.08, 0.92, 4 * n + 8)) * (np.pi / 2)
+    r = np.sqrt(rng.uniform(0.05, 0.78, 4 * n + 8))
+    c = np.stack([r * np.cos(ang), r * np.sin(ang)], -1)
+    ok = np.hypot(c[:, 0] - disc[0], c[:, 1] - disc[1]) > 1.3 * disc_r
+    pts = np.concatenate([pts, c[ok]])
+  return pts[:n]
+
+
+def _near_vessels(rng, n, vessels, fovea, disc, disc_r):
+  """n points beside small vessels of the posterior pole (where MAs bud off capillaries)."""
+  sel = vessels['depth'] >= 1
+  pts = np.stack([vessels['x'][sel], vessels['y'][sel]], -1)
+  d_f = np.hypot(pts[:, 0] - fovea[0], pts[:, 1] - fovea[1])
+  d_d = np.hypot(pts[:, 0] - disc[0], pts[:, 1] - disc[1])
+  pool = pts[(d_f < 0.7) & (d_d > 1.4 * disc_r) & (np.hypot(pts[:, 0], pts[:, 1]) < 0.9)]
+  if len(pool) == 0:
+    return np.zeros((0, 2))
+  return pool[rng.integers(0, len(pool), n)] + rng.normal(0, 0.015, (n, 2))
+
+
+def _lesion_plan(rng, grade, geo, vessels):
+  """Samples the lesions of one eye: a list of layers (type, kind, params), resolution free."""
+  fovea, disc, disc_r = geo['fovea'], geo['disc'], geo['disc_r']
+  post = (0.6 * np.asarray(fovea) + 0.4 * np.asarray(disc))
+  layers = []
+  if grade == 0:
+    return layers
+
+  def mas(n):
+    k = rng.binomial(n, 0.6)
+    pts = np.concatenate([_near_vessels(rng, k, vessels, fovea, disc, disc_r),
+                          _sample_points(rng, n - k, post, 0.3, disc, disc_r, 0.85)])
+    r = rng.uniform(0.004, 0.009, len(pts))
+    return dict(pts=pts, a=r, b=r * rng.uniform(0.85, 1.0, len(pts)),
+                theta=rng.uniform(0, np.pi, len(pts)), opacity=rng.uniform(0.8, 1.0, len(pts)))
+
+  def haemorrhages(pts):
+    """Dot/blot haemorrhages (1-3 overlapping ellipses) and flame haemorrhages."""
+    n = len(pts)
+    out = dict(pts=[], a=[], b=[], theta=[], opacity=[])
+    flame = rng.uniform(size=n) < 0.3
+    r = rng.uniform(0.010, 0.030, n)
+    for i in range(n):
+      if flame[i]:
+        # Flame haemorrhages lie in the nerve fibre layer, along the fibres (radial to the disc).
+        th = np.arctan2(pts[i, 1] - disc[1], pts[i, 0] - disc[0])
+        out['pts'].append(pts[i][None])
+        out['a'].append([r[i] * 1.8])
+        out['b'].append([r[i] * 0.5])
+        out['theta'].append([th])
+        out['opacity'].append([rng.uniform(0.7, 0.9)])
+      else:
+        k = rng.integers(1, 4)
+        off = rng.normal(0, 0.5 * r[i], (k, 2))
+        off[0] = 0
+        rr = r[i] * rng.uniform(0.6, 1.0, k)
+        out['pts'].append(pts[i] + off)
+        out['a'].append(rr)
+        out['b'].append(rr * rng.uniform(0.6, 1.0, k))
+        out['theta'].append(rng.uniform(0, np.pi, k))
+        out['opacity'].append(np.full(k, rng.uniform(0.75, 0.95)))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+  def exudates(n_clusters):
+    out = dict(pts=[], a=[], b=[], theta=[], opacity=[])
+    centres = _sample_points(rng, n_clusters, fovea, 0.25, disc, disc_r, 0.8)
+    for c in centres:
+      k = rng.integers(4, 22)
+      if rng.uniform() < 0.4:  # Circinate ring around a leaking area.
+        ang = rng.uniform(0, 2 * np.pi, k)
+        rad = rng.uniform(0.05, 0.1) * rng.uniform(0.85, 1.15, k)
+        p = c + np.stack([rad * np.cos(ang), rad * np.sin(ang)], -1)
+      else:
+        p = c + rng.normal(0, rng.uniform(0.02, 0.05), (k, 2))
+      r = rng.uniform(0.003, 0.010, k)
+      out['pts'].append(p)
+      out['a'].append(r)
+      out['b'].append(r * rng.uniform(0.5, 1.0, k))
+      out['theta'].append(rng.uniform(0, np.pi, k))
+      out['opacity'].append(rng.uniform(0.75, 0.95, k))
+    if not out['pts']:
+      return None
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+  def cotton_wool(n):
+    c = _sample_points(rng, n, disc + np.array([-0.25, 0.0]), 0.3, disc, disc_r, 0.8)
+    out = dict(pts=[], a=[], b=[], theta=[], opacity=[])
+    for p in c:
+      k = rng.integers(2, 4)
+      r = rng.uniform(0.02, 0.04)
+      out['pts'].append(p + rng.normal(0, 0.4 * r, (k, 2)))
+      out['a'].append(r * rng.uniform(0.6, 1.0, k))
+      out['b'].append(r * rng.uniform(0.4, 0.7, k))
+      out['theta'].append(rng.uniform(0, np.pi, k))
+      out['opacity'].append(rng.uniform(0.55, 0.75, k))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+  def neovascular(n_regions):
+    """Fronds of fine tortuous new vessels at the disc (NVD) or along the arcades (NVE)."""
+    segs = []
+    sel = vessels['depth'] == 0
+    arc = np.stack([vessels['x'][sel], vessels['y'][sel]], -1)
+    for j in range(n_regions):
+      if j == 0 and rng.uniform() < 0.5:
+        c = np.asarray(disc) + rng.normal(0, 0.5 * disc_r, 2)
+      else:
+        c = arc[rng.integers(len(arc))]
+      rad = rng.uniform(0.05, 0.1)
+      for _ in range(rng.integers(10, 20)):
+        n = rng.integers(8, 20)
+        h = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.6, n))
+        p0 = c + rng.normal(0, 0.45 * rad, 2)
+        pts = p0 + np.cumsum(np.stack([np.cos(h), np.sin(h)], -1) * 0.008, 0)
+        w = np.full(n, rng.uniform(0.0022, 0.0035))
+        segs.append((pts, w))
+    return segs
+
+  n_ma = {1: rng.integers(1, 9), 2: rng.integers(4, 20), 3: rng.integers(10, 30),
+          4: rng.integers(8, 25)}[grade]
+  layer_ma = mas(n_ma)
+  if grade >= 2:
+    if grade == 2:
+      pts = _sample_points(rng, rng.integers(1, 9), post, 0.35, disc, disc_r, 0.88)
+    else:
+      lo, hi = (4, 10) if grade == 3 else (2, 8)
+      pts = np.concatenate([_sample_quadrant(rng, rng.integers(lo, hi), q, disc, disc_r)
+                            for q in range(4)])
+    layers.append((HE, 'ellipse', haemorrhages(pts)))
+  layers.append((MA, 'ellipse', layer_ma))
+  if grade >= 2:
+    p_ex, n_ex = {2: (0.7, 3), 3: (0.75, 4), 4: (0.6, 4)}[grade]
+    if rng.uniform() < p_ex:
+      ex = exudates(rng.integers(1, n_ex + 1))
+      if ex is not None:
+        layers.append((EX, 'ellipse', ex))
+    p_se = {2: 0.35, 3: 0.55, 4: 0.5}[grade]
+    if rng.uniform() < p_se:
+      layers.append((SE, 'soft', cotton_wool(rng.integers(1, 4))))
+  if grade == 4:
+    layers.append((NV, 'vessels', neovascular(rng.integers(1, 3))))
+    if rng.uniform() < 0.4:
+      c = _sample_points(rng, 1, post, 0.3, disc, disc_r, 0.7)
+      r = rng.uniform(0.07, 0.13, 1)
+      layers.append((HE, 'preretinal', dict(pts=c, a=r, b=r * rng.uniform(0.7, 0.9, 1),
+                                            theta=np.zeros(1), opacity=np.full(1, 0.95),
+                                            cut=r * rng.uniform(0.1, 0.5, 1))))
+  return layers
+
+
+# ----------------------------------------------------------------------------------
+# Rendering.
+
+
+def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesions: bool = True):
+  """Renders one photograph, see `generate_example`.
+
+  With draw_lesions=False: the same eye, photographed the same way (same noise),
+  without its lesions; masks are then all zero.
+  """
+  if grade not in range(NUM_GRADES):
+    raise ValueError(f'grade must be in 0..4, got {grade}')
+  if image_size < 16:
+    raise ValueError(f'image_size must be >= 16, got {image_size}')
+  anat, cam, noise_rng = (np.random.default_rng(np.random.SeedSequence([seed, k]))
+                          for k in (0, 1, 3))
+  les = np.random.default_rng(np.random.SeedSequence([seed, 2, grade]))
+  if eye is None:
+    eye = ('left', 'right')[int(np.random.default_rng([seed, 4]).integers(2))]
+  if eye not in ('left', 'right'):
+    raise ValueError(f"eye must be 'left', 'right' or None, got {eye!r}")
+  size = image_size
+
+  # Field of view: a disc of `radius` pixels, sometimes cut at top and bottom.
+  radius = anat.uniform(0.90, 0.98) * size / 2
+  cx = size / 2 + anat.normal(0, 0.01) * size
+  cy = size / 2 + anat.normal(0, 0.01) * size
+  crop = anat.uniform(0.82, 0.95) if anat.uniform() < 0.3 else 2.0
+  coords = np.arange(size, dtype=_F32) + _F32(0.5)
+  u1, v1 = (coords - _F32(cx)) / _F32(radius), (coords - _F32(cy)) / _F32(radius)
+  r = np.sqrt((u1 * u1)[None, :] + (v1 * v1)[:, None])
+  fov = r * _F32(-radius)
+  fov += _F32(radius + 0.5)
+  np.clip(fov, 0, 1, out=fov)
+  fov *= np.clip(radius * (crop - np.abs(v1)) + 0.5, 0, 1).astype(_F32)[:, None]
+
+  centre = np.array([cx, cy])
+
+  def to_px(p):
+    return p * radius + centre
+
+  def box(x, y, half):
+    """Pixel slices (rows, cols) of the square of half-size `half` around (x, y)."""
+    r0, r1 = (int(np.clip(cy + (y + d) * radius, 0, size)) for d in (-half, half + 2 / radius))
+    c0, c1 = (int(np.clip(cx + (x + d) * radius, 0, size)) for d in (-half, half + 2 / radius))
+    return slice(r0, r1), slice(c0, c1)
+
+  # Landmarks of a right eye: the disc is nasal, on the image's right.
+  fx, fy = anat.normal(-0.04, 0.04), anat.normal(0.03, 0.03)
+  dx0, dy0 = fx + anat.uniform(0.55, 0.66), fy + anat.normal(-0.05, 0.03)
+  disc_r = anat.uniform(0.11, 0.14)
+  fovea, disc = np.array([fx, fy]), np.array([dx0, dy0])
+  geo = dict(fovea=fovea, disc=disc, disc_r=disc_r)
+
+  # Background: pigmentation-dependent orange-red with low-frequency unevenness,
+  # choroidal texture (a "tigroid" fundus shows its choroidal vessels) and grain.
+  pig = anat.beta(2, 2)
+  base = (1 - pig) * np.array([230.0, 118.0, 58.0]) + pig * np.array([150.0, 58.0, 28.0])
+  base = (base * np.exp(anat.normal(0, [0.05, 0.1, 0.15]))).astype(_F32)
+  img = _smooth_noise(anat, size, 6, 3)
+  img *= np.array([0.05, 0.07, 0.09], _F32)
+  img += 1
+  img *= base
+  chor = _smooth_noise(anat, size, 28)[..., 0]
+  fine = _smooth_noise(anat, size, 64)[..., 0]
+  chor_amp = anat.uniform(0.02, 0.1)
+  # 1 / (1 + (c / 0.35)^2)^2: a ridge along the zero set of the noise.
+  chor *= chor
+  chor *= _F32(1 / 0.35 ** 2)
+  chor += 1
+  chor *= chor
+  lum = np.divide(_F32(chor_amp), chor, out=chor)
+  fine *= _F32(0.02)
+  lum += fine
+  lum += _F32(1 - 0.4 * chor_amp)
+  img *= lum[..., None]
+
+  # Macula: darker and browner (macular pigment), with a darker fovea and a small
+  # reflex. Separable Gaussians evaluated on a box only.
+  rows, cols = box(fx, fy, 0.4)
+  ur, vr = u1[cols] - _F32(fx), v1[rows] - _F32(fy)
+  gauss = lambda x, sd: np.exp(-0.5 * (x / _F32(sd)) ** 2)
+  mac = (anat.uniform(0.12, 0.25) * gauss(vr, 0.13)[:, None] * gauss(ur, 0.13)
+         + anat.uniform(0.1, 0.2) * gauss(vr, 0.035)[:, None] * gauss(ur, 0.035))
+  img[rows, cols] *= 1 - mac[..., None] * np.array([0.8, 1.0, 1.0], _F32)
+  reflex = anat.uniform(0, 0.25) * 120 * gauss(vr, 0.008)[:, None] * gauss(ur, 0.008)
+  img[rows, cols] += reflex[..., None]
+
+  # Optic disc: pale yellow-pink rim, whiter cup, slightly taller than wide, soft edge.
+  stretch = anat.uniform(1.0, 1.15)
+  rows, cols = box(dx0, dy0, 1.9 * disc_r)
+  ddx = (u1[cols] - _F32(dx0))[None, :]
+  ddy = ((v1[rows] - _F32(dy0)) / _F32(stretch))[:, None]
+  dd = np.sqrt(ddx * ddx + ddy * ddy)
+  edge = 0.012
+  sub = img[rows, cols]
+  a_disc = 1 / (1 + np.exp((dd - disc_r) / _F32(edge)))
+  disc_col = np.array([248.0, 178.0, 120.0]) * np.exp(anat.normal(0, [0.03, 0.06, 0.1]))
+  sub += a_disc[..., None] * (disc_col.astype(_F32) - sub)
+  cup_r = disc_r * anat.uniform(0.3, 0.55)
+  dc = np.sqrt((ddx + _F32(0.2 * disc_r)) ** 2 + ddy * ddy)
+  a_cup = anat.uniform(0.5, 0.9) / (1 + np.exp((dc - cup_r) / _F32(edge * 0.8)))
+  sub += a_cup[..., None] * (np.array([255.0, 232.0, 200.0], _F32) - sub)
+  halo = anat.uniform(0.0, 0.15) * gauss(dd - _F32(disc_r * 1.1), 0.014)
+  sub += halo[..., None] * (np.array([240.0, 170.0, 110.0], _F32) - sub)
+
+  # Vessels.
+  vessels = _vessel_tree(anat, disc, fovea)
+  if grade == 3 or (grade == 4 and les.uniform() < 0.5):
+    _bead_veins(les, vessels, int(les.integers(2, 5)))
+  a_art, a_vein = _render_vessels(vessels, to_px, radius, size)
+  shade = a_art[..., None] * (_ARTERY - 1)
+  shade += a_vein[..., None] * (_VEIN - 1)
+  shade += 1
+  img *= shade
+
+  # Lesions, composited in order on the pixels they cover. Each layer's change is
+  # tracked (and occluded by later layers), so that the masks are where lesions
+  # changed the image.
+  layers = _lesion_plan(les, grade, geo, vessels) if draw_lesions else []
+  base_img = img.copy() if layers else img
+  flat = img.reshape(-1, 3)
+  contrib = {}
+  for t, kind, p in layers:
+    a = np.zeros((size, size), _F32)
+    if kind == 'vessels':
+      for pts, w in p:
+        q = to_px(pts)
+        _segments(a, q[:-1], q[1:], w[:-1] * radius, w[1:] * radius)
+    else:
+      pts = to_px(p['pts'])
+      sa, sb = p['a'] * radius, p['b'] * radius
+      if t == MA:
+        # Keep microaneurysms at least a dark pixel at small sizes.
+        sa, sb = np.maximum(sa, 0.75), np.maximum(sb, 0.7)
+      _ellipses(a, pts[:, 1], pts[:, 0], sa, sb, p['theta'], p['opacity'],
+                soft=kind == 'soft',
+                flat_top=p['cut'] * radius if kind == 'preretinal' else None)
+    a = a.reshape(-1)
+    idx = np.flatnonzero(a * fov.reshape(-1))
+    al = (a[idx] * fov.reshape(-1)[idx])[:, None]
+    old = flat[idx]
+    if t in (EX, SE):
+      new = old + al * ((_EX_COLOUR if t == EX else _SE_COLOUR) - old)
+    else:
+      factor = {MA: _MA_FACTOR, NV: _NV_FACTOR}.get(t, _HE_FACTOR)
+      new = old * (1 - al * (1 - (_PRERETINAL_FACTOR if kind == 'preretinal' else factor)))
+    flat[idx] = new
+    for m in contrib.values():
+      m[idx] *= 1 - al[:, 0]
+    if t not in contrib:
+      contrib[t] = np.zeros(size * size, _F32)
+    contrib[t][idx] = np.maximum(contrib[t][idx], np.abs(new - old).max(-1))
+
+  # Camera: uneven illumination and vignetting, focus, exposure, colour cast, flare, noise.
+  gain = np.exp(cam.normal(0, 0.22))
+  if cam.uniform() < 0.12:
+    gain = (cam.uniform(0.35, 0.6), cam.uniform(1.5, 2.0))[int(cam.integers(2))]
+  gains = (gain * np.exp(cam.normal(0, [0.05, 0.07, 0.09]))).astype(_F32)
+  g = cam.normal(0, 0.1, 2)
+  illum = r * r
+  illum *= r
+  illum *= _F32(-cam.uniform(0.15, 0.55))
+  illum += 1
+  illum *= (1 + _F32(g[0]) * u1)[None, :] + _F32(g[1]) * v1[:, None]
+  unfocused = cam.uniform() < 0.15
+  # Most photographs are sharp at the sizes drjax uses (sigma < 0.3 px, no blur at 512).
+  sigma = radius * (cam.uniform(0.006, 0.014) if unfocused else cam.uniform(0.0004, 0.0015))
+  flare = cam.uniform(0, 12) if cam.uniform() < 0.25 else 0.0
+  noise_sd = cam.uniform(1.0, 3.0)
+  # Sensor noise: uniform, one draw for the three channels (luma noise, as JPEG keeps),
+  # plus flare, plus 0.5 so that truncation to uint8 rounds.
+  noise = np.frombuffer(noise_rng.bytes(size * size), np.uint8).reshape(size, size)
+  noise = noise.astype(_F32)
+  noise *= _F32(noise_sd / 73.9)
+  noise += _F32(0.5 - 127.5 * noise_sd / 73.9)
+  if flare:
+    noise += fov * _F32(flare)
+  fov_gains = fov[..., None] * gains
+
+  def camera(x, add=True):
+    y = x * illum[..., None]
+    y = _blur(y, sigma)
+    y *= fov_gains
+    if add:
+      y += noise[..., None]
+    return y
+
+  y = camera(img)
+  if contrib:
+    # The same photograph without lesions (the camera is linear before rounding).
+    y_base = y - camera(img - base_img, add=False)
+  image = np.clip(y, 0, 255, out=y).astype(np.uint8)
+  masks = np.zeros((size, size, len(LESION_TYPES)), np.uint8)
+  if contrib:
+    change = np.abs(image.astype(np.int16) - np.clip(y_base, 0, 255).astype(np.int16)).max(-1)
+    types = sorted(contrib)
+    # Upper bounds of the change each type makes to the final image.
+    c = np.stack([_blur(contrib[t].reshape(size, size) * illum, sigma) for t in types], -1)
+    c *= (fov * gains.max())[..., None]
+    top = c.max(-1, keepdims=True)
+    # A changed pixel goes to every type that could change it by the threshold,
+    # and to the largest contributor, so that no changed pixel is left unmasked.
+    keep = (change >= MASK_THRESHOLD)[..., None] & ((c >= MASK_THRESHOLD) | ((c == top) & (c > 0)))
+    masks[..., types] = keep
+  if eye == 'left':
+    image, masks = image[:, ::-1], masks[:, ::-1]
+  return dict(image=np.ascontiguousarray(image), masks=np.ascontiguousarray(masks),
+              grade=int(grade), eye=eye)
+
+
+def generate_example(seed: int, grade: int, image_size: int = 512, eye: str | None = None) -> dict:
+  """One synthetic fundus photograph of the given DR grade.
+
+  Args:
+    seed: any non-negative int; fixes the eye, the camera, the lesions and the noise.
+    grade: DR grade 0..4 (international clinical scale).
+    image_size: side S of the square image in pixels, rendered at that size.
+    eye: 'left' or 'right' (mirror images of each other), or None to draw it from the seed.
+
+  Returns:
+    dict(image=uint8 [S, S, 3], masks=uint8 [S, S, 5] in {0, 1} in `LESION_TYPES`
+    order, grade=int, eye='left'|'right').
+  """
+  return _render(int(seed), int(grade), int(image_size), eye)
+
+
+def generate(num_images: int, image_size: int = 512, seed: int = 0,
+             grade_prior: Sequence[float] = EYEPACS_PRIOR) -> Iterator[dict]:
+  """Yields `num_images` examples with grades drawn from `grade_prior`.
+
+  Args:
+    num_images: how many examples.
+    image_size: side of the square images.
+    seed: fixes the whole sequence (grades, eyes, images).
+    grade_prior: 5 non-negative weights (normalised here), e.g. `EYEPACS_PRIOR` or counts.
+
+  Yields:
+    `generate_example` dicts plus 'id' (str, unique within the sequence).
+  """
+  prior = np.asarray(grade_prior, float)
+  if prior.shape != (NUM_GRADES,) or (prior < 0).any() or prior.sum() <= 0:
+    raise ValueError(f'grade_prior must be 5 non-negative weights, got {grade_prior}')
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 99]))
+  grades = rng.choice(NUM_GRADES, size=num_images, p=prior / prior.sum())
+  for i, grade in enumerate(grades):
+    ex_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+    ex = generate_example(ex_seed, int(grade), image_size)
+    ex['id'] = f'synthetic_{seed}_{i:06d}'
+    yield ex
