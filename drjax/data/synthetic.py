@@ -750,13 +750,19 @@ def generate(num_images: int, image_size: int = 512, seed: int = 0,
   Yields:
     `generate_example` dicts plus 'id' (str, unique within the sequence).
   """
-  prior = np.asarray(grade_prior, float)
-  if prior.shape != (NUM_GRADES,) or (prior < 0).any() or prior.sum() <= 0:
-    raise ValueError(f'grade_prior must be 5 non-negative weights, got {grade_prior}')
-  rng = np.random.default_rng(np.random.SeedSequence([seed, 99]))
-  grades = rng.choice(NUM_GRADES, size=num_images, p=prior / prior.sum())
+  grades = sample_grades(num_images, seed, grade_prior)
   for i, grade in enumerate(grades):
     ex_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
     ex = generate_example(ex_seed, int(grade), image_size)
     ex['id'] = f'synthetic_{seed}_{i:06d}'
     yield ex
+
+
+def sample_grades(num_images: int, seed: int = 0,
+                  grade_prior: Sequence[float] = EYEPACS_PRIOR) -> np.ndarray:
+  """The grades `generate` uses: int64 [num_images] drawn iid from `grade_prior`."""
+  prior = np.asarray(grade_prior, float)
+  if prior.shape != (NUM_GRADES,) or (prior < 0).any() or not prior.sum() > 0:
+    raise ValueError(f'grade_prior must be 5 non-negative weights, got {grade_prior}')
+  rng = np.random.default_rng(np.random.SeedSequence([seed, 99]))
+  return rng.choice(NUM_GRADES, size=num_images, p=prior / prior.sum())
