@@ -1,0 +1,118 @@
+"""torch-exact building blocks shared by the torchvision ports.
+
+Every layer here reproduces the corresponding `torch.nn` layer bit-for-bit in
+its output shape (explicit padding, floor-mode pooling) and up to float32
+rounding in its values, so converted torchvision weights give the same logits
+at any input size torchvision accepts.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+# He et al. 2015, "Delving deep into rectifiers", as torch.nn.init.kaiming_normal_.
+kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+         use_bias: bool = False, name: str | None = None, dtype: Dtype = jnp.float32,
+         kernel_init=kaiming_normal_fan_in) -> nn.Conv:
+  """torch.nn.Conv2d(kernel_size, stride, padding) with symmetric explicit padding.
+
+  'SAME' padding would pad asymmetrically for even strides and odd inputs; torch
+  always pads `padding` pixels on every side and floors the output size.
+  """
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                 kernel_init=kernel_init, dtype=dtype, name=name)
+
+
+def batch_norm(train: bool, *, name: str | None = None,
+               dtype: Dtype = jnp.float32) -> nn.BatchNorm:
+  """torch.nn.BatchNorm2d defaults: eps=1e-5, momentum 0.1 (flax's 0.9).
+
+  One difference remains in train mode: torch updates the running variance with
+  the unbiased batch variance, flax with the biased one (a factor N/(N-1)).
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, name=name)
+
+
+def max_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.ndarray:
+  """torch.nn.MaxPool2d(window, stride, padding), ceil_mode=False: pads with -inf."""
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=((padding, padding), (padding, padding)))
+
+
+def avg_pool(x: jnp.ndarray, window: int, stride: int) -> jnp.ndarray:
+  """torch.nn.AvgPool2d(window, stride) without padding, ceil_mode=False."""
+  return nn.avg_pool(x, (window, window), strides=(stride, stride), padding='VALID')
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] averaging matrix of torch's adaptive average pooling along one axis.
+
+  torch's window i spans [floor(i * in / out), ceil((i + 1) * in / out)), so the
+  windows overlap when in % out != 0 and repeat pixels when in < out (a 2x2 map
+  pooled to 7x7 replicates each pixel).
+  """
+  matrix = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -((-(i + 1) * in_size) // out_size)  # ceil division
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarray:
+  """torch.nn.AdaptiveAvgPool2d(output_size) for NHWC `x` [B, H, W, C] -> [B, h, w, C]."""
+  _, height, width, _ = x.shape
+  out_h, out_w = output_size
+  if (height, width) == (out_h, out_w):
+    return x
+  rows = jnp.asarray(_adaptive_pool_matrix(height, out_h), x.dtype)
+  cols = jnp.asarray(_adaptive_pool_matrix(width, out_w), x.dtype)
+  return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
+
+
+def without_perturbations(variables):
+  """Drops the 'perturbations' collection that `Module.perturb` creates during init.
+
+  Taps (drjax.models.common.tap) call `perturb`, which in flax creates its zero
+  variable whenever 'perturbations' is mutable, as it is in `init`. Callers that
+  want those zeros ask `apply(..., mutable=['perturbations'])` for them instead.
+  """
+  return {k: v for k, v in variables.items() if k != 'perturbations'}
+
+
+def perturb_unreserved(module: nn.Module, name: str, value: jnp.ndarray,
+                       collection: str = 'perturbations') -> jnp.ndarray:
+  """`Module.perturb` without reserving `name` in the module's scope.
+
+  flax reserves a variable's name against submodules of the same name, but
+  ResNet's taps are named like its submodules ('layer1' in 'perturbations' and
+  'intermediates', 'layer1/0/conv1' in 'params'); the collections never overlap.
+  """
+  scope = module.scope
+  if scope.is_mutable_collection(collection) and not scope.has_variable(collection, name):
+    scope.put_variable(collection, name, jnp.zeros_like(value))
+  if scope.has_variable(collection, name):
+    value = value + scope.get_variable(collection, name)
+  return value
+
+
+def sow_unreserved(module: nn.Module, collection: str, name: str, value: Any) -> bool:
+  """`Module.sow` (default tuple-append reduction) without reserving `name`; see above."""
+  scope = module.scope
+  if not scope.is_mutable_collection(collection):
+    return False
+  old = scope.get_variable(collection, name) if scope.has_variable(collection, name) else ()
+  scope.put_variable(collection, name, old + (value,))
+  return True
