@@ -1,0 +1,314 @@
+"""Benchmark harness shared by benchmarks/bench_*.py: fair, isolated, recorded measurements.
+
+Every measurement (one framework, one model, one batch size) runs in its own fresh Python
+process, so that
+
+  * both frameworks get the same CPU budget: the process is pinned to the first N cores
+    (`os.sched_setaffinity`, what `taskset -c 0-(N-1)` does) before jax or torch is
+    imported; XLA sizes its thread pools from that affinity, and torch gets
+    `torch.set_num_threads(N)`. With N = 1 XLA's multi-threaded Eigen is also switched off
+    (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`);
+  * the peak memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) belongs to that
+    measurement alone, not to whatever ran before it;
+  * XLA flags and caches from one measurement cannot leak into the next.
+
+Timing: `warmup` untimed calls (the first one compiles, and its time is recorded
+separately), then `repeats` timed calls; the figure is the median. Every result records
+the machine and library versions and is written as JSON; `readme_rows` makes the README
+table lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # runnable from a checkout without installing drjax
+
+RESULTS_DIR = os.path.join(REPO, 'benchmarks', 'results')
+
+
+# ------------------------------------------------------------------- inside a worker
+
+
+def limit_threads(threads: int | None) -> dict:
+  """Pins this process to `threads` cores and sets every thread-count knob we know of.
+
+  Must run before jax/torch are imported. Returns what was applied.
+  """
+  applied = {}
+  for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
+    if threads:
+      os.environ[var] = str(threads)
+  flags = os.environ.get('XLA_FLAGS', '')
+  # The test suite's forced host devices must not split the CPU in a benchmark.
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', flags)
+  if threads == 1:
+    flags += ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+  os.environ['XLA_FLAGS'] = flags.strip()
+  applied['XLA_FLAGS'] = os.environ['XLA_FLAGS']
+  if threads and hasattr(os, 'sched_setaffinity'):
+    available = sorted(os.sched_getaffinity(0))
+    if threads > len(available):
+      raise ValueError(f'{threads} threads requested, only {len(available)} cores available')
+    os.sched_setaffinity(0, available[:threads])
+  if hasattr(os, 'sched_getaffinity'):
+    applied['cpu_affinity'] = sorted(os.sched_getaffinity(0))
+  applied['threads'] = threads
+  return applied
+
+
+def limit_torch_threads(threads: int | None) -> None:
+  import torch
+
+  if threads:
+    torch.set_num_threads(threads)
+    try:
+      torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+      pass
+
+
+def current_rss_mib() -> float:
+  """Resident set size now (Linux /proc), MiB."""
+  try:
+    with open('/proc/self/statm') as f:
+      pages = int(f.read().split()[1])
+    return pages * os.sysconf('SC_PAGE_SIZE') / 2**20
+  except (OSError, ValueError):
+    return float('nan')
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux)."""
+  scale = 1 if sys.platform == 'darwin' else 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
+               calls_per_repeat: int = 1) -> dict:
+  """Times a blocking callable.
+
+  Args:
+    fn: runs one step and returns only when its results are computed (block_until_ready /
+      cuda synchronize inside).
+    warmup: untimed calls first (>= 1: the first call compiles).
+    repeats: timed repeats.
+    calls_per_repeat: calls per timed repeat (for steps far below a millisecond).
+
+  Returns:
+    dict(first_call_s, times_s [repeats] per call, median_s, min_s).
+  """
+  start = time.perf_counter()
+  fn()
+  first = time.perf_counter() - start
+  for _ in range(max(0, warmup - 1)):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls_per_repeat):
+      fn()
+    times.append((time.perf_counter() - start) / calls_per_repeat)
+  return dict(first_call_s=first, times_s=times, median_s=statistics.median(times),
+              min_s=min(times))
+
+
+def versions() -> dict:
+  """Versions of everything that can change a number."""
+  out = {'python': platform.python_version()}
+  for name in ('numpy', 'jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision'):
+    try:
+      module = __import__(name)
+      out[name] = getattr(module, '__version__', '?')
+    except ImportError:
+      pass
+  return out
+
+
+def machine() -> dict:
+  """CPU model, core counts, OS; and the GPU if torch or jax sees one."""
+  info = {'platform': platform.platform(), 'machine': platform.machine(),
+          'cpu_count': os.cpu_count()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    info['cpu_model'] = names[0] if names else platform.processor()
+  except OSError:
+    info['cpu_model'] = platform.processor()
+  try:
+    out = subprocess.run(['nvidia-smi', '--query-gpu=name,memory.total,driver_version',
+                          '--format=csv,noheader'], capture_output=True, text=True,
+                         timeout=20, check=False)
+    if out.returncode == 0 and out.stdout.strip():
+      info['gpu'] = out.stdout.strip()
+  except (OSError, subprocess.TimeoutExpired):
+    pass
+  return info
+
+
+def emit(result: dict) -> None:
+  """A worker's last stdout line: its result as JSON (the parent parses it)."""
+  print('BENCH_RESULT ' + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------- the parent side
+
+
+def run_worker(script: str, spec: dict, timeout_s: float = 1800) -> dict:
+  """Runs `script --worker SPEC_JSON` in a fresh process and returns its result dict.
+
+  A crash or timeout becomes a result with `error` set, so one failing measurement does
+  not stop a benchmark.
+  """
+  cmd = [sys.executable, script, '--worker', json.dumps(spec)]
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH', '')) if p)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
+                          check=False)
+  except subprocess.TimeoutExpired:
+    return dict(spec, error=f'timed out after {timeout_s} s')
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith('BENCH_RESULT '):
+      return json.loads(line[len('BENCH_RESULT '):])
+  tail = '\n'.join((proc.stdout + proc.stderr).splitlines()[-15:])
+  return dict(spec, error=f'exit code {proc.returncode}: {tail}')
+
+
+def pair_rows(results: Sequence[dict], ours: str = 'jax', theirs: str = 'torch') -> list[dict]:
+  """Joins jax and torch results of the same (model, batch, precision) into ratio rows."""
+  keyed = {}
+  for r in results:
+    key = (r['model'], r['batch_size'], r.get('precision', 'fp32'))
+    keyed.setdefault(key, {})[r['framework']] = r
+  rows = []
+  for (model, batch, precision), pair in keyed.items():
+    a, b = pair.get(ours, {}), pair.get(theirs, {})
+
+    ips_a, ips_b = a.get('images_per_s'), b.get('images_per_s')
+    rows.append(dict(
+        model=model, batch_size=batch, precision=precision,
+        jax_images_per_s=ips_a, torch_images_per_s=ips_b,
+        ratio=(ips_a / ips_b) if ips_a and ips_b else None,
+        jax_peak_rss_mib=a.get('peak_rss_mib'), torch_peak_rss_mib=b.get('peak_rss_mib'),
+        jax_peak_device_mib=a.get('peak_device_mib'),
+        torch_peak_device_mib=b.get('peak_device_mib'),
+        jax_first_call_s=a.get('first_call_s'),
+        # Fairness check: both sides must train the same parameters.
+        same_trainable=(a.get('trainable_scalars') == b.get('trainable_scalars')
+                        if 'trainable_scalars' in a and 'trainable_scalars' in b else None),
+        errors={k: v['error'] for k, v in pair.items() if 'error' in v} or None))
+  return rows
+
+
+def _f(x, spec: str) -> str:
+  return 'n/a' if x is None else format(x, spec)
+
+
+def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: str) -> str:
+  """Markdown table lines for the README, one per (model, batch)."""
+  lines = ['| benchmark | model | batch | precision | device (threads) | drjax img/s | '
+           'PyTorch img/s | ratio | peak RSS MiB (drjax / PyTorch) |',
+           '|---|---|---|---|---|---|---|---|---|']
+  where = f'{device} ({threads})' if threads else device
+  for r in rows:
+    mem = f"{_f(r['jax_peak_rss_mib'], '.0f')} / {_f(r['torch_peak_rss_mib'], '.0f')}"
+    if r.get('jax_peak_device_mib') or r.get('torch_peak_device_mib'):
+      mem += (f" (device {_f(r['jax_peak_device_mib'], '.0f')} / "
+              f"{_f(r['torch_peak_device_mib'], '.0f')})")
+    lines.append(f"| {what} | {r['model']} | {r['batch_size']} | {r['precision']} | {where} | "
+                 f"{_f(r['jax_images_per_s'], '.1f')} | {_f(r['torch_images_per_s'], '.1f')} | "
+                 f"{_f(r['ratio'], '.2f')}x | {mem} |")
+  return '\n'.join(lines)
+
+
+def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:
+  out_dir = out_dir or RESULTS_DIR
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f'{name}.json')
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=2)
+  return path
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--models', default='densenet121,resnet101,vgg16',
+                      help='comma-separated drjax/torchvision model names')
+  parser.add_argument('--batch_sizes', default='16,64')
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--threads', type=int, default=None,
+                      help='cores for each side (default: all this process may use; CPU only)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
+  parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
+                      help='bf16: drjax bfloat16 compute with float32 master weights vs '
+                           'PyTorch autocast(bfloat16) (AMP)')
+  parser.add_argument('--frameworks', default='jax,torch')
+  parser.add_argument('--calls_per_repeat', type=int, default=None,
+                      help='steps per timed repeat (default 1 on CPU, 10 on GPU)')
+  parser.add_argument('--quick', action='store_true',
+                      help='densenet121, batch 16, 1 warm-up + 3 repeats (~1-2 minutes)')
+  parser.add_argument('--out_dir', default=None, help=f'JSON results (default {RESULTS_DIR})')
+  parser.add_argument('--timeout_s', type=float, default=1800, help='per measurement')
+  parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+
+
+def default_threads(args) -> int | None:
+  if args.device == 'gpu':
+    return None
+  if args.threads:
+    return args.threads
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count()
+
+
+def run_benchmark(script: str, name: str, what: str, args) -> dict:
+  """The parent loop of bench_train/bench_eval: one worker per measurement, then report."""
+  if args.quick:
+    args.models, args.batch_sizes, args.warmup, args.repeats = 'densenet121', '16', 1, 3
+  threads = default_threads(args)
+  specs = [dict(framework=fw, model=m, batch_size=int(b), image_size=args.image_size,
+                threads=threads, warmup=args.warmup, repeats=args.repeats,
+                device=args.device, precision=args.precision,
+                channels_last=getattr(args, 'torch_channels_last', False),
+                # GPU steps take milliseconds: time several per repeat.
+                calls_per_repeat=args.calls_per_repeat or (10 if args.device == 'gpu' else 1))
+           for m in args.models.split(',') for b in args.batch_sizes.split(',')
+           for fw in args.frameworks.split(',')]
+  results = []
+  for spec in specs:
+    print(f"[{name}] {spec['framework']} {spec['model']} batch {spec['batch_size']} "
+          f"{spec['precision']} on {spec['device']} ({threads or 'all'} threads) ...", flush=True)
+    r = run_worker(script, spec, args.timeout_s)
+    results.append(r)
+    if 'error' in r:
+      print(f"  ERROR: {r['error']}", flush=True)
+    else:
+      print(f"  {r['images_per_s']:.1f} images/s (median of {len(r['times_s'])}, "
+            f"first call {r['first_call_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB)",
+            flush=True)
+  rows = pair_rows(results)
+  table = readme_rows(what, rows, threads, args.device)
+  payload = dict(benchmark=name, description=what, threads=threads, machine=machine(),
+                 versions=versions(), args=vars(args), rows=rows, results=results,
+                 readme=table, time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+  suffix = ('_quick' if args.quick else '') + ('' if args.device == 'cpu' else '_gpu') + \
+      ('' if args.precision == 'fp32' else f'_{args.precision}')
+  path = write_json(name + suffix, payload, args.out_dir)
+  print(table)
+  print(f'results: {path}')
+  return payload
