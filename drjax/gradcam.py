@@ -353,6 +353,13 @@ def layercam(model, variables, images, *, layer=None, targets=None, raw=False, i
   return _gradient_cam(layercam_map, model, variables, images, layer, targets, raw, image_size)
 
 
+def default_fusion_layers(model) -> tuple[str, ...]:
+  """`FUSION_LAYERS[model.default_cam_layer]`, keeping the stages the model has."""
+  names = stage_names(model)
+  layers = FUSION_LAYERS.get(model.default_cam_layer, ())
+  return tuple(n for n in layers if n in names) or (model.default_cam_layer,)
+
+
 def fusion(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
            gamma: float = 2.0):
   """Multi-layer LayerCAM fusion (Jiang et al. 2021, Sec. III-C, eq. 7).
@@ -369,15 +376,26 @@ def fusion(model, variables, images, *, layer=None, targets=None, raw=False, ima
   """
   size = images.shape[-3:-1]
   if layer is None:
-    layer = FUSION_LAYERS.get(model.default_cam_layer, (model.default_cam_layer,))
+    layer = default_fusion_layers(model)
   out = activations_and_grads(model, variables, prepare_images(images, image_size),
                               layer=layer, targets=targets)
+  fused = fuse_maps([layercam_map(out['acts'][n], out['grads'][n]) for n in out['acts']], size,
+                    gamma)
+  return fused if raw else normalize(fused)
+
+
+def fuse_maps(maps: Sequence[Array], size: Sequence[int], gamma: float = 2.0) -> Array:
+  """LayerCAM's fusion of raw maps `[B, h_i, w_i]` -> `[B, H, W]` (before min-max).
+
+  Each map is ReLU'd, resized to `size`, scaled by tanh(gamma * M / max M)
+  (Jiang et al. 2021, eq. 7) and the results are fused by element-wise maximum.
+  """
   fused = 0.0
-  for name in out['acts']:
-    cam = resize(jax.nn.relu(layercam_map(out['acts'][name], out['grads'][name])), size)
+  for cam in maps:
+    cam = resize(jax.nn.relu(cam), size)
     peak = cam.max(axis=(-2, -1), keepdims=True)
     fused = jnp.maximum(fused, jnp.tanh(gamma * cam / jnp.where(peak > 0, peak, 1.0)))
-  return fused if raw else normalize(fused)
+  return fused
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'layer', 'target_fn', 'batch_size'))

@@ -1,0 +1,43 @@
+r"""The lesion-localisation study: CAM method x layer x lesion type, and the area argument.
+
+  python scripts/cam_study.py --workdir RUN --dataset synthetic_fundus --out DIR
+  python scripts/cam_study.py --workdir RUN --dataset idrid \
+      --idrid_dir /work/shared/data/idrid --out DIR
+
+Several --workdir runs (DenseNet, ResNet, VGG) give one section each. Writes
+DIR/report.md (tables + conclusion computed from them), DIR/<arch>/results.json
+and DIR/<arch>/figure_grid.png. A smoke run (`python scripts/train.py --config
+configs/densenet.py:smoke --workdir RUN`) is enough to exercise it; its numbers
+then describe an untrained classifier, which the report says.
+"""
+
+from absl import app, flags
+
+flags.DEFINE_multi_string('workdir', None, 'Training run(s).', required=True)
+flags.DEFINE_enum('dataset', 'synthetic_fundus', ['synthetic_fundus', 'idrid'], 'Masks source.')
+flags.DEFINE_string('idrid_dir', None, 'Raw IDRiD folder (with "A. Segmentation").')
+flags.DEFINE_integer('num_images', 16, 'Images with lesion masks.')
+flags.DEFINE_list('methods', 'gradcam,gradcam++,hirescam,xgradcam,layercam',
+                  'Keys of drjax.gradcam.METHODS (scorecam is slow: one pass per channel).')
+flags.DEFINE_integer('image_size', None, 'Default: the run\'s input size.')
+flags.DEFINE_float('tolerance', 15, 'Pointing-game tolerance in pixels.')
+flags.DEFINE_integer('faithfulness_images', 4, 'Images for deletion/insertion (0: skip).')
+flags.DEFINE_integer('seed', 1000, 'First synthetic seed.')
+flags.DEFINE_string('out', None, 'Output folder.', required=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from drjax import cam_study
+
+  path = cam_study.run_workdirs(
+      FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, idrid_dir=FLAGS.idrid_dir,
+      num_images=FLAGS.num_images, methods=FLAGS.methods, image_size=FLAGS.image_size,
+      tolerance=FLAGS.tolerance, faithfulness_images=FLAGS.faithfulness_images,
+      seed=FLAGS.seed)
+  print(f'report: {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)
