@@ -132,8 +132,8 @@ class DenseNet(nn.Module):
 
   @nn.nowrap
   def init(self, *args, **kwargs):
-    """Module.init returning only 'params' and 'batch_stats' (no 'perturbations')."""
-    return layers.without_perturbations(super().init(*args, **kwargs))
+    """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
+    return layers.clean_init_variables(super().init(*args, **kwargs))
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

@@ -82,14 +82,18 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: tuple[int, int]) -> jnp.ndarr
   return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
 
 
-def without_perturbations(variables):
-  """Drops the 'perturbations' collection that `Module.perturb` creates during init.
+def clean_init_variables(variables):
+  """What every model's `init` returns: exactly {'params', 'batch_stats'}.
 
   Taps (drjax.models.common.tap) call `perturb`, which in flax creates its zero
-  variable whenever 'perturbations' is mutable, as it is in `init`. Callers that
+  variable whenever 'perturbations' is mutable, as it is in `init`; callers that
   want those zeros ask `apply(..., mutable=['perturbations'])` for them instead.
+  'batch_stats' is present (empty) even for the VGGs without BatchNorm, so that
+  train steps handle every architecture alike.
   """
-  return {k: v for k, v in variables.items() if k != 'perturbations'}
+  variables = {k: v for k, v in variables.items() if k != 'perturbations'}
+  variables.setdefault('batch_stats', {})
+  return variables
 
 
 def perturb_unreserved(module: nn.Module, name: str, value: jnp.ndarray,

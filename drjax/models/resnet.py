@@ -120,8 +120,8 @@ class ResNet(nn.Module):
 
   @nn.nowrap
   def init(self, *args, **kwargs):
-    """Module.init returning only 'params' and 'batch_stats' (no 'perturbations')."""
-    return layers.without_perturbations(super().init(*args, **kwargs))
+    """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
+    return layers.clean_init_variables(super().init(*args, **kwargs))
 
   # The taps 'layer1'..'layer4' share their names with the submodules holding the
   # parameters, which flax's own perturb/sow refuse (see layers.perturb_unreserved).
