@@ -1,0 +1,103 @@
+"""Fields shared by the three backbone configs (paper section 2.3: same hyper-parameters for all).
+
+Not a config itself: `configs/densenet.py`, `configs/resnet.py` and `configs/vgg.py`
+call `get_config(arg, model=..., trainable=..., ...)` and lock the result.
+"""
+
+from collections.abc import Sequence
+
+import ml_collections as mlc
+
+from drjax.data import augment, pipeline
+
+
+def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_model: str,
+               image_size: int, num_images: int, batch_size: int, num_steps: int,
+               eval_every: int, checkpoint_every: int) -> mlc.ConfigDict:
+  """The shared recipe; the keyword arguments are the per-backbone values.
+
+  Args:
+    arg: None for the default run, 'smoke' for a seconds-long run of the tiny
+      variant (tests), 'paper' for the paper's full-scale recipe on EyePACS.
+    model: `drjax.models` name.
+    trainable: regexes of the trainable parameter paths (`drjax.freeze`).
+    smoke_model: tiny variant used by 'smoke'.
+    image_size, num_images, batch_size, num_steps, eval_every, checkpoint_every:
+      the default (CPU-sized) run.
+
+  Returns:
+    An unlocked ConfigDict (the caller locks it).
+  """
+  if arg not in (None, '', 'smoke', 'paper'):
+    raise ValueError(f"config argument must be empty, 'smoke' or 'paper', got {arg!r}")
+  c = mlc.ConfigDict()
+  c.model = model
+  c.num_classes = 5
+
+  c.input = pipeline.default_config()  # synthetic_fundus by default: runs anywhere, offline
+  c.input.image_size = image_size
+  c.input.num_images = num_images
+  c.input.num_workers = 2
+  c.input.prefetch = 2
+
+  c.augment = augment.default_config()  # rotation, flips, translation, grayscale, colour
+  c.augment_enabled = True  # False: no augmentation in the train step
+
+  c.optimizer = mlc.ConfigDict()
+  c.optimizer.name = 'adam'  # paper: Adam, learning rate 1e-4, cross-entropy loss
+  c.optimizer.lr = 1e-4
+  c.batch_size = batch_size  # paper: 256
+  c.eval_batch_size = batch_size
+  c.num_steps = num_steps
+
+  # Paper: the last block containing convolutions and the new head train, the
+  # rest is frozen. '.*' trains everything; the head pattern alone is linear probing.
+  c.trainable = tuple(trainable)
+  # Frozen stages' BatchNorms use their running (ImageNet) statistics and are not
+  # updated, as in PyTorch with those modules in eval(); False: batch statistics.
+  c.frozen_bn_inference = True
+  c.mixed_precision = 'float32'  # or 'bfloat16': bf16 compute, float32 master weights
+
+  c.weights = mlc.ConfigDict()
+  c.weights.pretrained = True  # look up ImageNet weights (drjax.weights.resolve)
+  c.weights.path = ''  # explicit converted-weights dir or torchvision .pth; '' = look up
+  # Without ImageNet weights a frozen random trunk is pointless: train all layers.
+  c.weights.random_init_trains_all = True
+
+  c.seed = 0
+  c.log_every = 10
+  c.eval_every = eval_every
+  c.checkpoint_every = checkpoint_every
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+  c.gradcam = mlc.ConfigDict()
+  c.gradcam.num_images = 4  # validation images in workdir/gradcam/panel.png (0: none)
+
+  if arg == 'smoke':
+    c.model = smoke_model
+    c.input.image_size = 32
+    c.input.num_images = 48
+    c.input.num_workers = 1
+    c.input.prefetch = 1
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_steps = 6
+    c.log_every = 2
+    c.eval_every = 3
+    c.checkpoint_every = 3
+    c.weights.pretrained = False
+    c.progress_bar = False
+    c.gradcam.num_images = 2
+  elif arg == 'paper':
+    # Sections 2.3-2.3.3 at full scale: EyePACS (Kaggle 2015) at 224 px, batch 256.
+    c.input.dataset = 'eyepacs'
+    c.input.image_size = 224
+    c.input.num_workers = 16
+    c.input.prefetch = 16
+    c.batch_size = 256
+    c.eval_batch_size = 256
+    c.num_steps = 11_000  # ~100 epochs of the 80% EyePACS train split (28.1k images)
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+  return c

@@ -1,0 +1,44 @@
+r"""VGG16, one of the paper's three compared backbones (section 2.3, Table 1).
+
+  python scripts/train.py --config configs/vgg.py                # default CPU run
+  python scripts/train.py --config configs/vgg.py:smoke          # seconds, tiny model (tests)
+  python scripts/train.py --config configs/vgg.py:paper --config.input.manual_dir=...
+
+Recipe: ImageNet VGG16 (no BatchNorm) with a new 5-way last `classifier` layer;
+trainable are the last block containing convolutions, conv5_1-conv5_3
+(torchvision `features/24`, `features/26`, `features/28`), and the classifier
+(its three linear layers, `classifier/0`, `/3`, `/6`), everything else frozen;
+Adam, lr 1e-4, cross-entropy, 80/20 split, the same hyper-parameters as
+configs/densenet.py.
+
+Default run: the same data and schedule as configs/densenet.py (1000 synthetic
+images at 128 px, batch 32, 300 steps); VGG16 costs about 5x DenseNet121's FLOPs
+per image, so on a 2-core CPU it is the slowest of the three. From a random init
+without BatchNorm it learns slowly: expect a validation kappa near 0 after 300
+steps. `:paper` is EyePACS at 224 px, batch 256 (see configs/densenet.py).
+"""
+
+import importlib.util
+import pathlib
+
+
+def _common():
+  """configs/common.py, loaded by path: config files are loaded by path, not as a package."""
+  spec = importlib.util.spec_from_file_location(
+      'drjax_configs_common', pathlib.Path(__file__).with_name('common.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  config = _common().get_config(
+      arg, model='vgg16', smoke_model='vgg_tiny',
+      trainable=('classifier/.*', 'features/(24|26|28)/.*'),
+      image_size=128, num_images=1000, batch_size=32, num_steps=300, eval_every=100,
+      checkpoint_every=100)
+  if arg == 'smoke':
+    # vgg_tiny numbers its features differently (it has BatchNorms).
+    config.trainable = ('classifier/.*',)
+  config.lock()
+  return config

@@ -1,0 +1,174 @@
+"""Orbax checkpoints of a training run: save, resume from the latest good step, check the run.
+
+A step directory holds three items:
+  * 'variables': `{'params', 'batch_stats'}`, what inference needs (`load_variables`);
+  * 'train': `{'step', 'opt_state'}`, what resuming needs besides the variables;
+  * 'meta': JSON (model name, num_classes, effective trainable patterns, weights
+    source, data-iterator position), checked before any array is read, so that a
+    workdir of another architecture is a clear error rather than a shape
+    mismatch deep inside orbax.
+
+Resume order (big_vision): the workdir's own latest checkpoint, else the
+configured init. A latest step that fails to restore (truncated or missing
+files) is moved aside to `<workdir>/corrupt_checkpoints/` with a warning and the
+previous step is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_ITEMS = ('variables', 'train', 'meta')
+
+# Meta fields that must agree between a checkpoint and the run that resumes it.
+COMPAT_KEYS = ('model', 'num_classes', 'config_trainable')
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The workdir's checkpoint belongs to a different model or recipe."""
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir could be restored."""
+
+
+def make_manager(directory: str | pathlib.Path, max_to_keep: int | None = 3,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """CheckpointManager with the three items; saving steps is decided by the caller."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      # Tmp dirs of a save interrupted by SIGKILL are never valid steps; remove them.
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                               item_names=_ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, variables: Mapping[str, Any],
+         train: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+  """Starts an (asynchronous) save of `step`; orbax commits it atomically."""
+  manager.save(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(dict(variables)),
+      train=ocp.args.StandardSave(dict(train)),
+      meta=ocp.args.JsonSave(dict(meta))), force=True)
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON metadata of `step`."""
+  return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+
+def check_compatible(meta: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+  """Raises IncompatibleCheckpointError when `meta` disagrees with `expected` on COMPAT_KEYS."""
+  diffs = []
+  for key in COMPAT_KEYS:
+    if key in expected and key in meta:
+      have, want = meta[key], expected[key]
+      if isinstance(have, list | tuple) and isinstance(want, list | tuple):
+        have, want = list(have), list(want)
+      if have != want:
+        diffs.append(f'{key}: checkpoint has {have!r}, this run wants {want!r}')
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f'{where} holds a checkpoint of a different run ({"; ".join(diffs)}). '
+        'Use a fresh --workdir for a different architecture or recipe, or delete the old one.')
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int, workdir: pathlib.Path) -> None:
+  src = pathlib.Path(manager.directory) / str(step)
+  dst = workdir / 'corrupt_checkpoints' / f'{step}_{int(time.time())}'
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  if src.exists():
+    shutil.move(str(src), str(dst))
+  manager.reload()
+
+
+def restore_latest(manager: ocp.CheckpointManager,
+                   make_abstract: Callable[[dict], tuple[Any, Any]],
+                   expected_meta: Mapping[str, Any], workdir: str | pathlib.Path
+                   ) -> tuple[int, Any, Any, dict] | None:
+  """Restores the newest readable step, or returns None when there is none.
+
+  Args:
+    manager: from `make_manager`.
+    make_abstract: meta -> (abstract 'variables', abstract 'train'): pytrees of
+      `jax.ShapeDtypeStruct` with shardings (the optimizer state's structure
+      depends on the trainable patterns recorded in meta).
+    expected_meta: this run's meta; COMPAT_KEYS must agree (checked on the
+      newest step before any array is read).
+    workdir: where corrupt steps are moved (`corrupt_checkpoints/`).
+
+  Returns:
+    `(step, variables, train, meta)` or None.
+
+  Raises:
+    IncompatibleCheckpointError: the checkpoint belongs to another model/recipe.
+    CheckpointError: checkpoints exist but none could be restored.
+  """
+  workdir = pathlib.Path(workdir)
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  failures = []
+  for step in steps:
+    try:
+      meta = read_meta(manager, step)
+    except Exception as e:  # noqa: BLE001 - any unreadable step is handled the same way
+      meta, error = None, e
+    if meta is not None:
+      check_compatible(meta, expected_meta, f'{workdir}/checkpoints/{step}')
+      abstract_variables, abstract_train = make_abstract(meta)
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(abstract_variables),
+            train=ocp.args.StandardRestore(abstract_train)))
+        jax.block_until_ready((restored['variables'], restored['train']))
+        if failures:
+          logging.warning('Resumed from step %d after skipping corrupt step(s) %s.', step,
+                          [s for s, _ in failures])
+        return step, restored['variables'], restored['train'], meta
+      except Exception as e:  # noqa: BLE001
+        error = e
+    logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); moving it to '
+                    '%s/corrupt_checkpoints and trying the previous one.',
+                    step, manager.directory, type(error).__name__, str(error)[:300], workdir)
+    print(f'WARNING: checkpoint step {step} is corrupt ({type(error).__name__}); '
+          'falling back to the previous one.', flush=True)
+    failures.append((step, error))
+    _move_aside(manager, step, workdir)
+  raise CheckpointError(f'No checkpoint in {manager.directory} could be restored: '
+                        f'{[(s, repr(e)[:200]) for s, e in failures]}')
+
+
+def load_variables(directory: str | pathlib.Path, abstract_variables: Any,
+                   step: int | None = None) -> tuple[int, Any, dict]:
+  """Restores only 'variables' (and meta) of `step` (default: latest), for inference.
+
+  Returns:
+    `(step, variables, meta)`.
+  """
+  manager = make_manager(directory, max_to_keep=None, read_only=True)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+      raise CheckpointError(f'no checkpoint in {directory}')
+    errors = []
+    for s in steps:
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(abstract_variables),
+            meta=ocp.args.JsonRestore()))
+        return s, restored['variables'], dict(restored['meta'])
+      except Exception as e:  # noqa: BLE001
+        logging.warning('Checkpoint step %d unreadable (%s); trying the previous one.', s, e)
+        errors.append((s, e))
+    raise CheckpointError(f'No checkpoint in {directory} could be restored: {errors}')
+  finally:
+    manager.close()
