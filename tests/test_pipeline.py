@@ -131,6 +131,9 @@ def test_get_dataset_builds_synthetic_on_first_use(tmp_path):
   assert ds.class_counts.sum() == len(ds.train) and ds.num_classes == 5
   batch = next(pipeline.make_train_iterator(cfg, ds.train, 4, seed=0))
   assert batch['image'].shape == (4, 32, 32, 3) and batch['masks'].shape == (4, 32, 32, 5)
+  light = ds.train.get(0, with_masks=False)  # masks left encoded when not asked for
+  np.testing.assert_array_equal(light['image'], ds.train[0]['image'])
+  assert isinstance(light['masks'], bytes)
   again = pipeline.get_dataset(cfg)  # already built: reused, same split
   np.testing.assert_array_equal(again.validation.indices, ds.validation.indices)
 

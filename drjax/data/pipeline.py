@@ -73,6 +73,9 @@ class Source:
   ids: np.ndarray
   patient_ids: np.ndarray
   has_masks: bool
+  # The same records with the masks left encoded: inflating [S, S, 5] masks costs more than
+  # reading the rest of a record, and classification training does not need them.
+  maskless_source: Any = None
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -80,10 +83,16 @@ class Source:
   def __getitem__(self, i: int) -> dict[str, Any]:
     return self.data_source[int(self.indices[i])]
 
+  def get(self, i: int, with_masks: bool = True) -> dict[str, Any]:
+    """Record i; masks (if any) decoded only when `with_masks`."""
+    if with_masks or self.maskless_source is None:
+      return self[i]
+    return self.maskless_source[int(self.indices[i])]
+
   def subset(self, idx: np.ndarray) -> Source:
     idx = np.asarray(idx, np.int64)
-    return Source(self.data_source, self.indices[idx], self.labels[idx], self.ids[idx],
-                  self.patient_ids[idx], self.has_masks)
+    return dataclasses.replace(self, indices=self.indices[idx], labels=self.labels[idx],
+                               ids=self.ids[idx], patient_ids=self.patient_ids[idx])
 
 
 @dataclasses.dataclass
@@ -169,10 +178,14 @@ def get_dataset(config_input: mlc.ConfigDict) -> DatasetSplits:
     raise ValueError(f'with_masks=True but {builder.info.full_name} has no lesion masks '
                      "(use synthetic_fundus, or idrid with idrid_task='segmentation')")
 
+  mask_keys = [k for k in ('masks', 'optic_disc') if k in builder.info.features.keys()]
+
   def whole(split: str) -> Source:
     idx = _read_index(builder, split)
+    maskless = builder.as_data_source(
+        split, decoders={k: _skip_decoding() for k in mask_keys}) if mask_keys else None
     return Source(builder.as_data_source(split), np.arange(len(idx['labels'])), idx['labels'],
-                  idx['ids'], idx['patient_ids'], has_masks)
+                  idx['ids'], idx['patient_ids'], has_masks, maskless)
 
   full = whole('train')
   train_idx, val_idx = splits.train_val_split(full.labels, full.patient_ids,
@@ -247,7 +260,7 @@ class _Load:
     self.with_masks = with_masks
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
-    rec = self.source[i]
+    rec = self.source.get(i, self.with_masks)
     out = {'image': np.asarray(rec['image'], np.uint8),
            'label': np.asarray(rec['label'], np.int32)}
     if self.with_masks:
