@@ -177,7 +177,7 @@ def _ellipses(acc, y, x, a, b, theta, opacity, soft=False, flat_top=None):
   _splat(acc, np.asarray(y, float), np.asarray(x, float), half, alpha_fn)
 
 
-def _segments(acc, p0, p1, w0, w1):
+def _segments(acc, p0, p1, w0, w1, opacity=None):
   """Draws tapered line segments (vessels) into `acc` [H, W]; pixel units, [N, 2] = (x, y)."""
   if len(p0) == 0:
     return
@@ -188,6 +188,7 @@ def _segments(acc, p0, p1, w0, w1):
   ox, oy = col(p0[:, 0] - mid[:, 0]), col(p0[:, 1] - mid[:, 1])
   len2 = np.maximum(ex * ex + ey * ey, 1e-6)
   cw0, cw1 = col(w0), col(w1)
+  op = col(np.ones(len(p0)) if opacity is None else opacity)
 
   def alpha_fn(dy, dx):
     rx, ry = dx - ox, dy - oy
@@ -196,7 +197,7 @@ def _segments(acc, p0, p1, w0, w1):
     w = cw0 + t * (cw1 - cw0)
     core = np.minimum(np.clip(w + 0.5 - d, 0, 1), 2 * w)
     # Rounder profile: a vessel is a blood-filled cylinder, darkest on its axis.
-    return core * (1 - 0.3 * np.clip(d / (w + 0.5), 0, 1) ** 2)
+    return core * (1 - 0.3 * np.clip(d / (w + 0.5), 0, 1) ** 2) * op
 
   _splat(acc, mid[:, 1], mid[:, 0], half, alpha_fn)
 
@@ -243,13 +244,14 @@ def _grow_vessels(rng, p0, h0, w0, length, kappa, decay, tort, depth, vein, fove
     # Branches.
     nb = int(s[-1] / 0.1) + 1
     rows = np.repeat(np.arange(m)[:, None], nb, 1)
-    pos = rng.uniform(0.05, 0.12, (m, 1)) + np.cumsum(
-        rng.uniform(0.1, 0.24, (m, nb)) * (0.85 ** depth)[:, None], 1)
+    pos = rng.uniform(0.08, 0.2, (m, 1)) + np.cumsum(
+        rng.uniform(0.12, 0.3, (m, nb)) * (0.85 ** depth)[:, None], 1)
     side = rng.integers(0, 2, (m, nb)) * 2.0 - 1.0
-    ratio = rng.uniform(0.5, 0.78, (m, nb))
-    angle = rng.uniform(0.45, 1.1, (m, nb))
-    lens = rng.uniform(0.2, 0.55, (m, nb)) * (0.8 ** depth)[:, None]
-    curv = rng.uniform(-0.5, 2.0, (m, nb))
+    ratio = rng.uniform(0.5, 0.75, (m, nb))
+    angle = rng.uniform(0.6, 1.3, (m, nb))
+    lens = rng.uniform(0.3, 0.8, (m, nb)) * (0.75 ** depth)[:, None]
+    # Branches curve back towards their parent's direction.
+    curv = rng.uniform(-0.3, 0.8, (m, nb))
     ib = np.minimum((pos / _DS).astype(int), big_n - 1)
     wc = np.take_along_axis(w, ib, 1) * ratio
     ok = ((pos < (end * _DS)[:, None] - 0.04) & (end >= 3)[:, None]
@@ -269,8 +271,8 @@ def _grow_vessels(rng, p0, h0, w0, length, kappa, decay, tort, depth, vein, fove
     p0 = np.stack([x[rb, cb], y[rb, cb]], -1)
     h0 = heading[rb, cb] + side[ok] * angle[ok]
     w0, length = wc[ok], lens[ok]
-    kappa, decay = side[ok] * curv[ok], np.full(len(rb), np.inf)
-    tort, depth, vein = tort[rb] * 1.2, depth[rb] + 1, vein[rb]
+    kappa, decay = -side[ok] * curv[ok], np.full(len(rb), 0.4)
+    tort, depth, vein = tort[rb] * 1.5, depth[rb] + 1, vein[rb]
   return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -288,9 +290,9 @@ def _vessel_tree(rng, disc, fovea):
       start = disc + [rng.normal(0, 0.01), side * rng.uniform(0.0, 0.02)]
       # Temporal arcade: leaves the disc vertically and bends around the macula
       # by `turn` radians, most of it within `dec` of the disc.
-      turn, dec = np.deg2rad(rng.uniform(95, 125)), rng.uniform(0.35, 0.55)
-      add(start, side * np.deg2rad(rng.uniform(92, 112)), w, rng.uniform(1.4, 1.8),
-          side * turn / dec, dec, 0.35, 0, is_vein)
+      turn, dec = np.deg2rad(rng.uniform(75, 100)), rng.uniform(0.45, 0.7)
+      add(start, side * np.deg2rad(rng.uniform(95, 115)), w, rng.uniform(1.5, 1.9),
+          side * turn / dec, dec, 0.3, 0, is_vein)
       # Nasal vessel: straighter, towards the nasal periphery.
       add(start, side * np.deg2rad(rng.uniform(35, 70)), 0.8 * w, rng.uniform(0.5, 0.9),
           -side * rng.uniform(0, 1.0), np.inf, 0.5, 1, is_vein)
@@ -326,6 +328,8 @@ def _render_vessels(vessels, to_px, scale, size):
   v = vessels
   p = to_px(np.stack([v['x'], v['y']], -1))
   w = v['w'] * scale
+  # Thin vessels hold a thinner blood column, so they are paler as well as narrower.
+  op = np.clip(0.3 + 0.7 * v['w'] / 0.011, 0.3, 1.0)
   maps = []
   for is_vein in (False, True):
     acc = np.zeros((size, size), _F32)
@@ -333,7 +337,7 @@ def _render_vessels(vessels, to_px, scale, size):
     # Thin and thick segments in separate calls, so thin ones use small patches.
     thick = np.maximum(w[i], w[i + 1]) > 1.5
     for sel in (i[thick], i[~thick]):
-      _segments(acc, p[sel], p[sel + 1], w[sel], w[sel + 1])
+      _segments(acc, p[sel], p[sel + 1], w[sel], w[sel + 1], op[sel])
     maps.append(acc)
   return maps
 
@@ -435,7 +439,7 @@ def _lesion_plan(rng, grade, geo, vessels):
         p = c + np.stack([rad * np.cos(ang), rad * np.sin(ang)], -1)
       else:
         p = c + rng.normal(0, rng.uniform(0.02, 0.05), (k, 2))
-      r = rng.uniform(0.003, 0.010, k)
+      r = rng.uniform(0.003, 0.012, k)
       out['pts'].append(p)
       out['a'].append(r)
       out['b'].append(r * rng.uniform(0.5, 1.0, k))
@@ -450,12 +454,12 @@ def _lesion_plan(rng, grade, geo, vessels):
     out = dict(pts=[], a=[], b=[], theta=[], opacity=[])
     for p in c:
       k = rng.integers(2, 4)
-      r = rng.uniform(0.02, 0.04)
+      r = rng.uniform(0.03, 0.055)
       out['pts'].append(p + rng.normal(0, 0.4 * r, (k, 2)))
       out['a'].append(r * rng.uniform(0.6, 1.0, k))
       out['b'].append(r * rng.uniform(0.4, 0.7, k))
       out['theta'].append(rng.uniform(0, np.pi, k))
-      out['opacity'].append(rng.uniform(0.55, 0.75, k))
+      out['opacity'].append(rng.uniform(0.45, 0.7, k))
     return {k: np.concatenate(v) for k, v in out.items()}
 
   def neovascular(n_regions):
@@ -575,7 +579,7 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   img *= base
   chor = _smooth_noise(anat, size, 28)[..., 0]
   fine = _smooth_noise(anat, size, 64)[..., 0]
-  chor_amp = anat.uniform(0.02, 0.1)
+  chor_amp = anat.uniform(0.01, 0.06)
   # 1 / (1 + (c / 0.35)^2)^2: a ridge along the zero set of the noise.
   chor *= chor
   chor *= _F32(1 / 0.35 ** 2)
@@ -621,10 +625,9 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   if grade == 3 or (grade == 4 and les.uniform() < 0.5):
     _bead_veins(les, vessels, int(les.integers(2, 5)))
   a_art, a_vein = _render_vessels(vessels, to_px, radius, size)
-  shade = a_art[..., None] * (_ARTERY - 1)
-  shade += a_vein[..., None] * (_VEIN - 1)
-  shade += 1
-  img *= shade
+  on = np.flatnonzero(a_art.reshape(-1) + a_vein.reshape(-1))  # A small part of the image.
+  a_art, a_vein = a_art.reshape(-1)[on, None], a_vein.reshape(-1)[on, None]
+  img.reshape(-1, 3)[on] *= 1 + a_art * (_ARTERY - 1) + a_vein * (_VEIN - 1)
 
   # Lesions, composited in order on the pixels they cover. Each layer's change is
   # tracked (and occluded by later layers), so that the masks are where lesions
@@ -632,7 +635,7 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   layers = _lesion_plan(les, grade, geo, vessels) if draw_lesions else []
   base_img = img.copy() if layers else img
   flat = img.reshape(-1, 3)
-  contrib = {}
+  contrib, support = {}, []
   for t, kind, p in layers:
     a = np.zeros((size, size), _F32)
     if kind == 'vessels':
@@ -649,7 +652,8 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
                 soft=kind == 'soft',
                 flat_top=p['cut'] * radius if kind == 'preretinal' else None)
     a = a.reshape(-1)
-    idx = np.flatnonzero(a * fov.reshape(-1))
+    idx = np.flatnonzero(a)
+    support.append(idx)
     al = (a[idx] * fov.reshape(-1)[idx])[:, None]
     old = flat[idx]
     if t in (EX, SE):
@@ -688,33 +692,49 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   noise += _F32(0.5 - 127.5 * noise_sd / 73.9)
   if flare:
     noise += fov * _F32(flare)
-  fov_gains = fov[..., None] * gains
+  if sigma < 0.3:
+    illum *= fov  # No blur: fold the field of view into the illumination.
 
   def camera(x, add=True):
     y = x * illum[..., None]
-    y = _blur(y, sigma)
-    y *= fov_gains
+    if sigma >= 0.3:
+      y = _blur(y, sigma)
+      y *= fov[..., None]
+    y *= gains
     if add:
       y += noise[..., None]
     return y
 
   y = camera(img)
-  if contrib:
-    # The same photograph without lesions (the camera is linear before rounding).
-    y_base = y - camera(img - base_img, add=False)
-  image = np.clip(y, 0, 255, out=y).astype(np.uint8)
   masks = np.zeros((size, size, len(LESION_TYPES)), np.uint8)
   if contrib:
-    change = np.abs(image.astype(np.int16) - np.clip(y_base, 0, 255).astype(np.int16)).max(-1)
     types = sorted(contrib)
+    if sigma < 0.3:
+      # Unblurred: lesions only changed the pixels they cover.
+      at = np.unique(np.concatenate(support))
+      y_at = y.reshape(-1, 3)[at]
+      delta = (img.reshape(-1, 3)[at] - base_img.reshape(-1, 3)[at]) * illum.reshape(-1)[at, None]
+      y_base = y_at - delta * gains
+      c = np.stack([contrib[t][at] * illum.reshape(-1)[at] for t in types], -1)
+    else:
+      at = slice(None)
+      y_at = y.reshape(-1, 3)
+      y_base = y_at - camera(img - base_img, add=False).reshape(-1, 3)
+      c = np.stack([_blur(contrib[t].reshape(size, size) * illum, sigma) for t in types], -1)
+      c = c.reshape(-1, len(types)) * fov.reshape(-1, 1)
+    # The same photograph without lesions (the camera is linear before rounding).
+    change = np.abs(np.clip(y_at, 0, 255).astype(np.int16)
+                    - np.clip(y_base, 0, 255).astype(np.int16)).max(-1)
     # Upper bounds of the change each type makes to the final image.
-    c = np.stack([_blur(contrib[t].reshape(size, size) * illum, sigma) for t in types], -1)
-    c *= (fov * gains.max())[..., None]
+    c *= gains.max()
     top = c.max(-1, keepdims=True)
     # A changed pixel goes to every type that could change it by the threshold,
     # and to the largest contributor, so that no changed pixel is left unmasked.
-    keep = (change >= MASK_THRESHOLD)[..., None] & ((c >= MASK_THRESHOLD) | ((c == top) & (c > 0)))
-    masks[..., types] = keep
+    keep = (change >= MASK_THRESHOLD)[:, None] & ((c >= MASK_THRESHOLD) | ((c == top) & (c > 0)))
+    flat_masks = masks.reshape(-1, len(LESION_TYPES))
+    for j, t in enumerate(types):
+      flat_masks[at, t] = keep[:, j]
+  image = np.clip(y, 0, 255, out=y).astype(np.uint8)
   if eye == 'left':
     image, masks = image[:, ::-1], masks[:, ::-1]
   return dict(image=np.ascontiguousarray(image), masks=np.ascontiguousarray(masks),
