@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from drjax.data import builders, images, synthetic
@@ -92,6 +93,10 @@ def test_synthetic_builds_and_reads_without_tensorflow(synthetic_builder):
     np.testing.assert_array_equal(r['masks'], ex['masks'])
     assert r['label'] == ex['grade'] and r['eye'].decode() == ex['eye']
   assert set(_records(synthetic_builder, 'test')).isdisjoint(records)
+  # Also readable by name, as tfds.data_source, once drjax.data.builders is imported.
+  by_name = tfds.data_source(f'synthetic_fundus/{synthetic_builder.builder_config.name}',
+                             split='train', data_dir=synthetic_builder.data_dir_root)
+  assert len(by_name) == 5 and by_name[0]['image'].shape == (32, 32, 3)
   assert 'tensorflow' not in sys.modules
   files = os.listdir(synthetic_builder.data_path)
   assert any('array_record' in f for f in files), files

@@ -123,7 +123,7 @@ def field_of_view_box(image: np.ndarray, min_fraction: float = 0.01) -> Box:
     BadImageError: nothing bright enough, or the bright region is a speck.
   """
   h, w = image.shape[:2]
-  step = max(1, max(h, w) // 512)  # a ~512 px view is plenty for a bounding box
+  step = max(1, max(h, w) // 256)  # a ~256 px view is plenty for a bounding box
   v = image[::step, ::step].max(axis=-1).astype(np.float32)
   top_level = float(np.percentile(v, 99))
   thresh = max(10.0, 0.1 * top_level)
@@ -178,7 +178,10 @@ def crop_resize(im: Image.Image, box: Box, size: int, resample: int) -> Image.Im
   ob = round((ib - top) / bh * size)
   if orr <= ol or ob <= ot:
     return canvas
-  part = im.resize((orr - ol, ob - ot), resample=resample, box=(il, it, ir, ib))
+  # reducing_gap: downscale by whole factors first (JPEG-draft-like), then resample the
+  # last <= 2x exactly; several times faster for big reductions at no visible cost.
+  part = im.resize((orr - ol, ob - ot), resample=resample, box=(il, it, ir, ib),
+                   reducing_gap=None if resample in (Image.NEAREST, Image.BOX) else 2.0)
   canvas.paste(part, (ol, ot))
   return canvas
 
@@ -201,12 +204,13 @@ def ben_graham(image: np.ndarray, mask_ratio: float = 0.9) -> np.ndarray:
   size = image.shape[0]
   radius = size / 2
   blurred = Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=radius / 30))
-  out = 4.0 * image.astype(np.float32) - 4.0 * np.asarray(blurred, np.float32) + 128.0
-  yy, xx = np.mgrid[:size, :size]
+  out = np.asarray(image, np.float32) - np.asarray(blurred, np.float32)
+  out = np.clip(np.rint(4.0 * out + 128.0), 0, 255).astype(np.uint8)
   c = (size - 1) / 2
-  inside = (yy - c) ** 2 + (xx - c) ** 2 <= (mask_ratio * radius) ** 2
-  out = np.where(inside[..., None], out, 128.0)
-  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+  yy, xx = np.ogrid[:size, :size]
+  outside = (yy - c) ** 2 + (xx - c) ** 2 > (mask_ratio * radius) ** 2
+  out[outside] = 128
+  return out
 
 
 def preprocess_fundus(source: str | os.PathLike | bytes, image_size: int, crop: bool = True,

@@ -134,7 +134,9 @@ def _read_index(builder, split: str) -> dict[str, np.ndarray]:
   keys = builder.info.features.keys()
   skip = {k: _skip_decoding() for k in ('image', 'masks', 'optic_disc') if k in keys}
   raw = builder.as_data_source(split, decoders=skip)
-  records = [raw[i] for i in range(n)]
+  records = []
+  for start in range(0, n, 1024):  # batched reads, in chunks to bound memory
+    records.extend(raw.__getitems__(list(range(start, min(n, start + 1024)))))
 
   def text(r, key):
     v = r.get(key, r['id'])

@@ -28,6 +28,7 @@ NUM_GRADES = 5
 GRADE_NAMES = ('0_no_dr', '1_mild', '2_moderate', '3_severe', '4_proliferative')
 # Lesion mask channels, in this order everywhere (= drjax.data.synthetic.LESION_TYPES).
 LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')
+_MIN_ITEMS_FOR_PROCESSES = 32
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff', '.bmp')
 
 
@@ -212,14 +213,16 @@ def parallel_map(fn: Callable[[Any], Any], items: list[Any], num_workers: int | 
   Args:
     fn: picklable top-level function (or functools.partial of one).
     items: picklable work items.
-    num_workers: processes; None = all CPUs; <= 1 runs in this process.
+    num_workers: processes; None = all CPUs (in-process below 32 items); <= 1 runs in
+      this process.
     desc: progress bar label.
 
   Yields:
     (item, result or None, reason or None).
   """
   if num_workers is None:
-    num_workers = os.cpu_count() or 1
+    # Starting spawned workers costs seconds (each imports tfds): not worth it for a few items.
+    num_workers = (os.cpu_count() or 1) if len(items) >= _MIN_ITEMS_FOR_PROCESSES else 1
   num_workers = min(num_workers, len(items))
   bar = tqdm.tqdm(total=len(items), desc=desc, unit='img', mininterval=1.0, leave=False)
   try:
