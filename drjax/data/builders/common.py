@@ -28,7 +28,7 @@ NUM_GRADES = 5
 GRADE_NAMES = ('0_no_dr', '1_mild', '2_moderate', '3_severe', '4_proliferative')
 # Lesion mask channels, in this order everywhere (= drjax.data.synthetic.LESION_TYPES).
 LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')
-_MIN_ITEMS_FOR_PROCESSES = 32
+_MIN_ITEMS_FOR_PROCESSES = 100
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff', '.bmp')
 
 
@@ -213,7 +213,7 @@ def parallel_map(fn: Callable[[Any], Any], items: list[Any], num_workers: int | 
   Args:
     fn: picklable top-level function (or functools.partial of one).
     items: picklable work items.
-    num_workers: processes; None = all CPUs (in-process below 32 items); <= 1 runs in
+    num_workers: processes; None = all CPUs (in-process below 100 items); <= 1 runs in
       this process.
     desc: progress bar label.
 
