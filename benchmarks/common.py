@@ -260,7 +260,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--calls_per_repeat', type=int, default=None,
                       help='steps per timed repeat (default 1 on CPU, 10 on GPU)')
   parser.add_argument('--quick', action='store_true',
-                      help='densenet121, batch 16, 1 warm-up + 3 repeats (~1-2 minutes)')
+                      help='densenet121, batch 16, 2 warm-up + 3 timed steps (1-2 min)')
   parser.add_argument('--out_dir', default=None, help=f'JSON results (default {RESULTS_DIR})')
   parser.add_argument('--timeout_s', type=float, default=1800, help='per measurement')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
@@ -279,7 +279,7 @@ def default_threads(args) -> int | None:
 def run_benchmark(script: str, name: str, what: str, args) -> dict:
   """The parent loop of bench_train/bench_eval: one worker per measurement, then report."""
   if args.quick:
-    args.models, args.batch_sizes, args.warmup, args.repeats = 'densenet121', '16', 1, 3
+    args.models, args.batch_sizes, args.warmup, args.repeats = 'densenet121', '16', 2, 3
   threads = default_threads(args)
   specs = [dict(framework=fw, model=m, batch_size=int(b), image_size=args.image_size,
                 threads=threads, warmup=args.warmup, repeats=args.repeats,

@@ -85,7 +85,10 @@ def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
   with jax.default_device(dev):
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-    variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+    # Committed to the device, like train.replicate does: an uncommitted first state would
+    # make the second call (fed the committed output of the first) compile again.
+    variables = jax.device_put(
+        {k: variables[k] for k in ('params', 'batch_stats') if k in variables}, dev)
     images = jax.device_put(images, dev)
     info = dict(jax_devices=str(jax.devices(platform)))
     if mode == 'eval':
@@ -98,7 +101,7 @@ def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
     patterns, frozen_bn, source = trainable_patterns(model_name)
     label_tree = freeze.trainable_labels(variables['params'], patterns)
     tx = optax.adam(1e-4)
-    state = train.create_train_state(variables, tx, label_tree)
+    state = jax.device_put(train.create_train_state(variables, tx, label_tree), dev)
     step = train.make_train_step(model, tx, label_tree, augment_fn=None,
                                  frozen_bn_inference=frozen_bn,
                                  mixed_precision='bfloat16' if precision == 'bf16' else 'float32')
