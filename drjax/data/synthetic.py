@@ -273,7 +273,9 @@ def _grow_vessels(rng, p0, h0, w0, length, kappa, decay, tort, depth, vein, fove
     w0, length = wc[ok], lens[ok]
     kappa, decay = -side[ok] * curv[ok], np.full(len(rb), 0.4)
     tort, depth, vein = tort[rb] * 1.5, depth[rb] + 1, vein[rb]
-  return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  out = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  out['beaded'] = np.zeros(len(out['x']), bool)
+  return out
 
 
 def _vessel_tree(rng, disc, fovea):
@@ -321,22 +323,30 @@ def _bead_veins(rng, vessels, count):
     lam = rng.uniform(0.03, 0.05)
     bump = (0.5 + 0.5 * np.sin(2 * np.pi * (s - s0) / lam)) ** 3
     v['w'][on] *= np.where((s >= s0) & (s <= s1), 1.0 + rng.uniform(0.6, 0.9) * bump, 1.0)
+    v['beaded'][on] = True
 
 
 def _render_vessels(vessels, to_px, scale, size):
   """Alpha maps [H, W] of arteries and veins."""
   v = vessels
-  p = to_px(np.stack([v['x'], v['y']], -1))
-  w = v['w'] * scale
+  # Render from every `stride`-th point where the polyline step is under ~4 px:
+  # fewer, longer segments cost less to splat. Beaded veins keep every point.
+  stride = max(1, int(4.0 / (_DS * scale)))
+  keep = (np.rint(v['s'] / _DS).astype(int) % stride == 0) | ~v['seg'] | v['beaded']
+  idx = np.flatnonzero(keep)
+  vid = v['vid'][idx]
+  seg = np.append(vid[1:] == vid[:-1], False)
+  p = to_px(np.stack([v['x'][idx], v['y'][idx]], -1))
+  w = v['w'][idx] * scale
   # Thin vessels hold a thinner blood column, so they are paler as well as narrower.
-  op = np.clip(0.3 + 0.7 * v['w'] / 0.011, 0.3, 1.0)
+  op = np.clip(0.3 + 0.7 * v['w'][idx] / 0.011, 0.3, 1.0)
   maps = []
   for is_vein in (False, True):
     acc = np.zeros((size, size), _F32)
-    i = np.flatnonzero(v['seg'] & (v['vein'] == is_vein))
-    # Thin and thick segments in separate calls, so thin ones use small patches.
-    thick = np.maximum(w[i], w[i + 1]) > 1.5
-    for sel in (i[thick], i[~thick]):
+    i = np.flatnonzero(seg & (v['vein'][idx] == is_vein))
+    # Segments in width classes, so that thin ones use small patches.
+    wmax = np.maximum(w[i], w[i + 1])
+    for sel in (i[wmax > 1.5], i[(wmax > 0.7) & (wmax <= 1.5)], i[wmax <= 0.7]):
       _segments(acc, p[sel], p[sel + 1], w[sel], w[sel + 1], op[sel])
     maps.append(acc)
   return maps
