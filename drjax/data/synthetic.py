@@ -92,19 +92,34 @@ def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
   return g
 
 
+def _blur_rows(x: np.ndarray, sigma: float, block: int = 64) -> np.ndarray:
+  """Gaussian blur along axis 0 as banded matmuls: blocks of rows read only the
+  rows within 4 sigma of them."""
+  n = x.shape[0]
+  g = _gauss_matrix(n, sigma)
+  r = int(np.ceil(4 * sigma))
+  flat = x.reshape(n, -1)
+  out = np.empty_like(flat)
+  for b0 in range(0, n, block):
+    b1 = min(n, b0 + block)
+    lo, hi = max(0, b0 - r), min(n, b1 + r)
+    np.matmul(g[b0:b1, lo:hi], flat[lo:hi], out=out[b0:b1])
+  return out.reshape(x.shape)
+
+
 def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
   """Gaussian blur of [H, W] or [H, W, C] along the first two axes.
 
   Sub-pixel blurs use a 3-tap kernel of the same variance (edges replicated);
-  wider ones (unfocused photographs) two matmuls with a dense Gaussian matrix.
+  wider ones (unfocused photographs) banded matmuls with a Gaussian matrix
+  (renormalised at the borders, truncated at 4 sigma).
   """
   if sigma < 0.3:
     return x
   if sigma > 0.8:
-    gy, gx = _gauss_matrix(x.shape[0], sigma), _gauss_matrix(x.shape[1], sigma)
-    y = (gy @ x.reshape(x.shape[0], -1)).reshape(x.shape)
-    y = np.tensordot(y, gx, axes=([1], [1]))  # [H, (C,) W]
-    return np.moveaxis(y, -1, 1) if x.ndim == 3 else y
+    y = _blur_rows(x, sigma)
+    y = _blur_rows(np.ascontiguousarray(y.swapaxes(0, 1)), sigma)
+    return y.swapaxes(0, 1)
   k = _F32(sigma * sigma / 2)
   for axis in (0, 1):
     xs = np.moveaxis(x, axis, 0)
@@ -331,7 +346,7 @@ def _render_vessels(vessels, to_px, scale, size):
   v = vessels
   # Render from every `stride`-th point where the polyline step is under ~4 px:
   # fewer, longer segments cost less to splat. Beaded veins keep every point.
-  stride = max(1, int(4.0 / (_DS * scale)))
+  stride = max(1, round(4.0 / (_DS * scale)))
   keep = (np.rint(v['s'] / _DS).astype(int) % stride == 0) | ~v['seg'] | v['beaded']
   idx = np.flatnonzero(keep)
   vid = v['vid'][idx]
@@ -584,9 +599,8 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   base = (1 - pig) * np.array([230.0, 118.0, 58.0]) + pig * np.array([150.0, 58.0, 28.0])
   base = (base * np.exp(anat.normal(0, [0.05, 0.1, 0.15]))).astype(_F32)
   img = _smooth_noise(anat, size, 6, 3)
-  img *= np.array([0.05, 0.07, 0.09], _F32)
-  img += 1
-  img *= base
+  img *= np.array([0.05, 0.07, 0.09], _F32) * base
+  img += base
   chor = _smooth_noise(anat, size, 28)[..., 0]
   fine = _smooth_noise(anat, size, 64)[..., 0]
   chor_amp = anat.uniform(0.01, 0.06)
@@ -689,7 +703,7 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   illum *= _F32(-cam.uniform(0.15, 0.55))
   illum += 1
   illum *= (1 + _F32(g[0]) * u1)[None, :] + _F32(g[1]) * v1[:, None]
-  unfocused = cam.uniform() < 0.15
+  unfocused = cam.uniform() < 0.1
   # Most photographs are sharp at the sizes drjax uses (sigma < 0.3 px, no blur at 512).
   sigma = radius * (cam.uniform(0.006, 0.014) if unfocused else cam.uniform(0.0004, 0.0015))
   flare = cam.uniform(0, 12) if cam.uniform() < 0.25 else 0.0
@@ -705,8 +719,10 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   if sigma < 0.3:
     illum *= fov  # No blur: fold the field of view into the illumination.
 
-  def camera(x, add=True):
-    y = x * illum[..., None]
+  def camera(x, add=True, inplace=False):
+    y = x if inplace else x * illum[..., None]
+    if inplace:
+      y *= illum[..., None]
     if sigma >= 0.3:
       y = _blur(y, sigma)
       y *= fov[..., None]
@@ -715,7 +731,7 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
       y += noise[..., None]
     return y
 
-  y = camera(img)
+  y = camera(img, inplace=not contrib)  # img is still needed for the masks.
   masks = np.zeros((size, size, len(LESION_TYPES)), np.uint8)
   if contrib:
     types = sorted(contrib)
