@@ -52,7 +52,7 @@ _MA_FACTOR = np.array([0.58, 0.30, 0.40], _F32)
 _HE_FACTOR = np.array([0.52, 0.27, 0.36], _F32)
 _PRERETINAL_FACTOR = np.array([0.40, 0.16, 0.22], _F32)
 _NV_FACTOR = np.array([0.78, 0.42, 0.52], _F32)
-_EX_COLOUR = np.array([250.0, 222.0, 120.0], _F32)
+_EX_COLOUR = np.array([248.0, 226.0, 140.0], _F32)
 _SE_COLOUR = np.array([235.0, 220.0, 196.0], _F32)
 
 
@@ -465,11 +465,19 @@ def _lesion_plan(rng, grade, geo, vessels):
       else:
         p = c + rng.normal(0, rng.uniform(0.02, 0.05), (k, 2))
       r = rng.uniform(0.003, 0.012, k)
-      out['pts'].append(p)
-      out['a'].append(r)
-      out['b'].append(r * rng.uniform(0.5, 1.0, k))
-      out['theta'].append(rng.uniform(0, np.pi, k))
-      out['opacity'].append(rng.uniform(0.75, 0.95, k))
+      # Irregular, partly confluent deposits: each is 1-3 overlapping ellipses.
+      parts = rng.integers(1, 4, k)
+      idx = np.repeat(np.arange(k), parts)
+      first = np.concatenate([[0], np.cumsum(parts)[:-1]])
+      off = rng.normal(0, 0.7, (len(idx), 2)) * r[idx, None]
+      off[first] = 0
+      sub = r[idx] * np.where(np.isin(np.arange(len(idx)), first), 1.0,
+                              rng.uniform(0.4, 0.8, len(idx)))
+      out['pts'].append(p[idx] + off)
+      out['a'].append(sub)
+      out['b'].append(sub * rng.uniform(0.45, 1.0, len(idx)))
+      out['theta'].append(rng.uniform(0, np.pi, len(idx)))
+      out['opacity'].append(rng.uniform(0.7, 0.95, len(idx)))
     if not out['pts']:
       return None
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -703,6 +711,15 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   illum *= _F32(-cam.uniform(0.15, 0.55))
   illum += 1
   illum *= (1 + _F32(g[0]) * u1)[None, :] + _F32(g[1]) * v1[:, None]
+  if cam.uniform() < 0.15:
+    # Dust on the optics: faint, soft dark spots (not lesions, and in no mask).
+    k = int(cam.integers(1, 4))
+    pts = to_px(cam.uniform(-0.6, 0.6, (k, 2)))
+    rad = cam.uniform(0.02, 0.05, k) * radius
+    dust = np.zeros((size, size), _F32)
+    _ellipses(dust, pts[:, 1], pts[:, 0], rad, rad * cam.uniform(0.8, 1.0, k), np.zeros(k),
+              cam.uniform(0.06, 0.15, k), soft=True)
+    illum *= 1 - dust
   unfocused = cam.uniform() < 0.1
   # Most photographs are sharp at the sizes drjax uses (sigma < 0.3 px, no blur at 512).
   sigma = radius * (cam.uniform(0.006, 0.014) if unfocused else cam.uniform(0.0004, 0.0015))
