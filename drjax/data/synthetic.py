@@ -73,13 +73,11 @@ def _interp_matrix(size: int, grid: int) -> tuple[np.ndarray, float]:
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, grid: int, channels: int = 1) -> np.ndarray:
-  """Band-limited noise [size, size, channels] with about unit std (two small matmuls each)."""
+  """Band-limited noise [channels, size, size] with about unit std (two small matmuls each)."""
   g = rng.standard_normal((channels, grid, grid), dtype=_F32)
   w, var = _interp_matrix(size, grid)
   wt = w.T * _F32(1 / var)
-  if channels == 1:
-    return (w @ g[0] @ wt)[..., None]
-  return np.stack([w @ gc @ wt for gc in g], -1)
+  return w @ g @ wt  # [C, S, S]
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,23 +90,25 @@ def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
   return g
 
 
-def _blur_rows(x: np.ndarray, sigma: float, block: int = 64) -> np.ndarray:
-  """Gaussian blur along axis 0 as banded matmuls: blocks of rows read only the
-  rows within 4 sigma of them."""
-  n = x.shape[0]
+def _blur_banded(x: np.ndarray, sigma: float, axis: int, block: int = 64) -> np.ndarray:
+  """Gaussian blur of [..., H, W] along axis -2 or -1 as banded matmuls: each block
+  of outputs reads only the inputs within 4 sigma of it."""
+  n = x.shape[axis]
   g = _gauss_matrix(n, sigma)
   r = int(np.ceil(4 * sigma))
-  flat = x.reshape(n, -1)
-  out = np.empty_like(flat)
+  out = np.empty(x.shape, _F32)
   for b0 in range(0, n, block):
     b1 = min(n, b0 + block)
     lo, hi = max(0, b0 - r), min(n, b1 + r)
-    np.matmul(g[b0:b1, lo:hi], flat[lo:hi], out=out[b0:b1])
-  return out.reshape(x.shape)
+    if axis == -2:
+      out[..., b0:b1, :] = g[b0:b1, lo:hi] @ x[..., lo:hi, :]
+    else:
+      out[..., b0:b1] = x[..., lo:hi] @ g[b0:b1, lo:hi].T
+  return out
 
 
 def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-  """Gaussian blur of [H, W] or [H, W, C] along the first two axes.
+  """Gaussian blur of [..., H, W] along the last two axes.
 
   Sub-pixel blurs use a 3-tap kernel of the same variance (edges replicated);
   wider ones (unfocused photographs) banded matmuls with a Gaussian matrix
@@ -117,11 +117,9 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
   if sigma < 0.3:
     return x
   if sigma > 0.8:
-    y = _blur_rows(x, sigma)
-    y = _blur_rows(np.ascontiguousarray(y.swapaxes(0, 1)), sigma)
-    return y.swapaxes(0, 1)
+    return _blur_banded(_blur_banded(x, sigma, -2), sigma, -1)
   k = _F32(sigma * sigma / 2)
-  for axis in (0, 1):
+  for axis in (-2, -1):
     xs = np.moveaxis(x, axis, 0)
     pair = xs[:-1] + xs[1:]
     pair *= k
@@ -601,16 +599,18 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   fovea, disc = np.array([fx, fy]), np.array([dx0, dy0])
   geo = dict(fovea=fovea, disc=disc, disc_r=disc_r)
 
+  # The image is planar, [3, S, S], while it is drawn (numpy broadcasts a colour
+  # over long rows much faster than over interleaved pixels).
   # Background: pigmentation-dependent orange-red with low-frequency unevenness,
   # choroidal texture (a "tigroid" fundus shows its choroidal vessels) and grain.
   pig = anat.beta(2, 2)
   base = (1 - pig) * np.array([230.0, 118.0, 58.0]) + pig * np.array([150.0, 58.0, 28.0])
-  base = (base * np.exp(anat.normal(0, [0.05, 0.1, 0.15]))).astype(_F32)
+  base = (base * np.exp(anat.normal(0, [0.05, 0.1, 0.15]))).astype(_F32)[:, None, None]
   img = _smooth_noise(anat, size, 6, 3)
-  img *= np.array([0.05, 0.07, 0.09], _F32) * base
+  img *= np.array([0.05, 0.07, 0.09], _F32)[:, None, None] * base
   img += base
-  chor = _smooth_noise(anat, size, 28)[..., 0]
-  fine = _smooth_noise(anat, size, 64)[..., 0]
+  chor = _smooth_noise(anat, size, 28)[0]
+  fine = _smooth_noise(anat, size, 64)[0]
   chor_amp = anat.uniform(0.01, 0.06)
   # 1 / (1 + (c / 0.35)^2)^2: a ridge along the zero set of the noise.
   chor *= chor
@@ -621,7 +621,7 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   fine *= _F32(0.02)
   lum += fine
   lum += _F32(1 - 0.4 * chor_amp)
-  img *= lum[..., None]
+  img *= lum
 
   # Macula: darker and browner (macular pigment), with a darker fovea and a small
   # reflex. Separable Gaussians evaluated on a box only.
@@ -630,9 +630,9 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   gauss = lambda x, sd: np.exp(-0.5 * (x / _F32(sd)) ** 2)
   mac = (anat.uniform(0.12, 0.25) * gauss(vr, 0.13)[:, None] * gauss(ur, 0.13)
          + anat.uniform(0.1, 0.2) * gauss(vr, 0.035)[:, None] * gauss(ur, 0.035))
-  img[rows, cols] *= 1 - mac[..., None] * np.array([0.8, 1.0, 1.0], _F32)
+  img[:, rows, cols] *= 1 - mac * np.array([0.8, 1.0, 1.0], _F32)[:, None, None]
   reflex = anat.uniform(0, 0.25) * 120 * gauss(vr, 0.008)[:, None] * gauss(ur, 0.008)
-  img[rows, cols] += reflex[..., None]
+  img[:, rows, cols] += reflex
 
   # Optic disc: pale yellow-pink rim, whiter cup, slightly taller than wide, soft edge.
   stretch = anat.uniform(1.0, 1.15)
@@ -641,16 +641,17 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
   ddy = ((v1[rows] - _F32(dy0)) / _F32(stretch))[:, None]
   dd = np.sqrt(ddx * ddx + ddy * ddy)
   edge = 0.012
-  sub = img[rows, cols]
+  sub = img[:, rows, cols]
+  colour = lambda rgb: np.asarray(rgb, _F32)[:, None, None]
   a_disc = 1 / (1 + np.exp((dd - disc_r) / _F32(edge)))
   disc_col = np.array([248.0, 178.0, 120.0]) * np.exp(anat.normal(0, [0.03, 0.06, 0.1]))
-  sub += a_disc[..., None] * (disc_col.astype(_F32) - sub)
+  sub += a_disc * (colour(disc_col) - sub)
   cup_r = disc_r * anat.uniform(0.3, 0.55)
   dc = np.sqrt((ddx + _F32(0.2 * disc_r)) ** 2 + ddy * ddy)
   a_cup = anat.uniform(0.5, 0.9) / (1 + np.exp((dc - cup_r) / _F32(edge * 0.8)))
-  sub += a_cup[..., None] * (np.array([255.0, 232.0, 200.0], _F32) - sub)
+  sub += a_cup * (colour([255.0, 232.0, 200.0]) - sub)
   halo = anat.uniform(0.0, 0.15) * gauss(dd - _F32(disc_r * 1.1), 0.014)
-  sub += halo[..., None] * (np.array([240.0, 170.0, 110.0], _F32) - sub)
+  sub += halo * (colour([240.0, 170.0, 110.0]) - sub)
 
   # Vessels.
   vessels = _vessel_tree(anat, disc, fovea)
@@ -658,15 +659,16 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
     _bead_veins(les, vessels, int(les.integers(2, 5)))
   a_art, a_vein = _render_vessels(vessels, to_px, radius, size)
   on = np.flatnonzero(a_art.reshape(-1) + a_vein.reshape(-1))  # A small part of the image.
-  a_art, a_vein = a_art.reshape(-1)[on, None], a_vein.reshape(-1)[on, None]
-  img.reshape(-1, 3)[on] *= 1 + a_art * (_ARTERY - 1) + a_vein * (_VEIN - 1)
+  a_art, a_vein = a_art.reshape(-1)[on], a_vein.reshape(-1)[on]
+  flat = img.reshape(3, -1)
+  flat[:, on] *= 1 + a_art * (_ARTERY - 1)[:, None] + a_vein * (_VEIN - 1)[:, None]
 
   # Lesions, composited in order on the pixels they cover. Each layer's change is
   # tracked (and occluded by later layers), so that the masks are where lesions
   # changed the image.
   layers = _lesion_plan(les, grade, geo, vessels) if draw_lesions else []
   base_img = img.copy() if layers else img
-  flat = img.reshape(-1, 3)
+  flat = img.reshape(3, -1)
   contrib, support = {}, []
   for t, kind, p in layers:
     a = np.zeros((size, size), _F32)
@@ -686,19 +688,21 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
     a = a.reshape(-1)
     idx = np.flatnonzero(a)
     support.append(idx)
-    al = (a[idx] * fov.reshape(-1)[idx])[:, None]
-    old = flat[idx]
+    al = a[idx] * fov.reshape(-1)[idx]
+    old = flat[:, idx]
     if t in (EX, SE):
-      new = old + al * ((_EX_COLOUR if t == EX else _SE_COLOUR) - old)
+      new = old + al * ((_EX_COLOUR if t == EX else _SE_COLOUR)[:, None] - old)
     else:
       factor = {MA: _MA_FACTOR, NV: _NV_FACTOR}.get(t, _HE_FACTOR)
-      new = old * (1 - al * (1 - (_PRERETINAL_FACTOR if kind == 'preretinal' else factor)))
-    flat[idx] = new
+      if kind == 'preretinal':
+        factor = _PRERETINAL_FACTOR
+      new = old * (1 - al * (1 - factor)[:, None])
+    flat[:, idx] = new
     for m in contrib.values():
-      m[idx] *= 1 - al[:, 0]
+      m[idx] *= 1 - al
     if t not in contrib:
       contrib[t] = np.zeros(size * size, _F32)
-    contrib[t][idx] = np.maximum(contrib[t][idx], np.abs(new - old).max(-1))
+    contrib[t][idx] = np.maximum(contrib[t][idx], np.abs(new - old).max(0))
 
   # Camera: uneven illumination and vignetting, focus, exposure, colour cast, flare, noise.
   gain = np.exp(cam.normal(0, 0.22))
@@ -737,47 +741,50 @@ def _render(seed: int, grade: int, image_size: int, eye: str | None, draw_lesion
     illum *= fov  # No blur: fold the field of view into the illumination.
 
   def camera(x, add=True, inplace=False):
-    y = x if inplace else x * illum[..., None]
+    """[3, S, S] scene -> pixel values before rounding; linear without `add`."""
+    y = x if inplace else x * illum
     if inplace:
-      y *= illum[..., None]
+      y *= illum
     if sigma >= 0.3:
       y = _blur(y, sigma)
-      y *= fov[..., None]
-    y *= gains
+      y *= fov
+    y *= gains[:, None, None]
     if add:
-      y += noise[..., None]
+      y += noise
     return y
 
   y = camera(img, inplace=not contrib)  # img is still needed for the masks.
-  masks = np.zeros((size, size, len(LESION_TYPES)), np.uint8)
   if contrib:
     types = sorted(contrib)
     if sigma < 0.3:
       # Unblurred: lesions only changed the pixels they cover.
       at = np.unique(np.concatenate(support))
-      y_at = y.reshape(-1, 3)[at]
-      delta = (img.reshape(-1, 3)[at] - base_img.reshape(-1, 3)[at]) * illum.reshape(-1)[at, None]
-      y_base = y_at - delta * gains
-      c = np.stack([contrib[t][at] * illum.reshape(-1)[at] for t in types], -1)
+      y_at = y.reshape(3, -1)[:, at]
+      delta = img.reshape(3, -1)[:, at] - base_img.reshape(3, -1)[:, at]
+      y_base = y_at - delta * illum.reshape(-1)[at] * gains[:, None]
+      c = np.stack([contrib[t][at] * illum.reshape(-1)[at] for t in types])
     else:
       at = slice(None)
-      y_at = y.reshape(-1, 3)
-      y_base = y_at - camera(img - base_img, add=False).reshape(-1, 3)
-      c = np.stack([_blur(contrib[t].reshape(size, size) * illum, sigma) for t in types], -1)
-      c = c.reshape(-1, len(types)) * fov.reshape(-1, 1)
+      y_at = y.reshape(3, -1)
+      y_base = y_at - camera(img - base_img, add=False).reshape(3, -1)
+      c = _blur(np.stack([contrib[t].reshape(size, size) for t in types]) * illum, sigma)
+      c = c.reshape(len(types), -1) * fov.reshape(-1)
     # The same photograph without lesions (the camera is linear before rounding).
     change = np.abs(np.clip(y_at, 0, 255).astype(np.int16)
-                    - np.clip(y_base, 0, 255).astype(np.int16)).max(-1)
+                    - np.clip(y_base, 0, 255).astype(np.int16)).max(0)
     # Upper bounds of the change each type makes to the final image.
     c *= gains.max()
-    top = c.max(-1, keepdims=True)
+    top = c.max(0)
     # A changed pixel goes to every type that could change it by the threshold,
     # and to the largest contributor, so that no changed pixel is left unmasked.
-    keep = (change >= MASK_THRESHOLD)[:, None] & ((c >= MASK_THRESHOLD) | ((c == top) & (c > 0)))
-    flat_masks = masks.reshape(-1, len(LESION_TYPES))
+    keep = (change >= MASK_THRESHOLD) & ((c >= MASK_THRESHOLD) | ((c == top) & (c > 0)))
+    planes = np.zeros((len(LESION_TYPES), size * size), np.uint8)
     for j, t in enumerate(types):
-      flat_masks[at, t] = keep[:, j]
-  image = np.clip(y, 0, 255, out=y).astype(np.uint8)
+      planes[t, at] = keep[j]
+    masks = planes.reshape(-1, size, size).transpose(1, 2, 0)
+  else:
+    masks = np.zeros((size, size, len(LESION_TYPES)), np.uint8)
+  image = np.clip(y, 0, 255, out=y).astype(np.uint8).transpose(1, 2, 0)
   if eye == 'left':
     image, masks = image[:, ::-1], masks[:, ::-1]
   return dict(image=np.ascontiguousarray(image), masks=np.ascontiguousarray(masks),
