@@ -16,9 +16,10 @@ than microaneurysms (dot/blot haemorrhages, hard exudates, maybe cotton-wool
 spots); 3 severe NPDR (many haemorrhages in all four quadrants, venous beading);
 4 PDR (neovascularisation, maybe a preretinal haemorrhage).
 
-A lesion mask holds the pixels where that lesion changed the final uint8 image by
-at least `MASK_THRESHOLD` grey levels (in some channel); no pixel outside the
-masks changed by more than about that much because of a lesion.
+Masks are honest: their union is exactly the set of pixels whose uint8 value
+(in some channel) differs by at least `MASK_THRESHOLD` grey levels from the same
+photograph rendered without lesions. A changed pixel is in the mask of each type
+that could alone have changed it that much, and in that of its largest contributor.
 """
 
 from __future__ import annotations
