@@ -281,7 +281,12 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
   if args.quick:
     args.models, args.batch_sizes, args.warmup, args.repeats = 'densenet121', '16', 2, 3
   threads = default_threads(args)
+  # Resolved here, once, so that the torch worker need not import configs/ (and with it jax).
+  from benchmarks import workloads
+  freezing = {m: workloads.trainable_patterns(m) for m in args.models.split(',')}
   specs = [dict(framework=fw, model=m, batch_size=int(b), image_size=args.image_size,
+                trainable=freezing[m][0], frozen_bn_inference=freezing[m][1],
+                trainable_source=freezing[m][2],
                 threads=threads, warmup=args.warmup, repeats=args.repeats,
                 device=args.device, precision=args.precision,
                 channels_last=getattr(args, 'torch_channels_last', False),

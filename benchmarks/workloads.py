@@ -69,7 +69,7 @@ def fake_batch(batch_size: int, image_size: int, seed: int = 0):
 
 
 def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
-                 precision: str, device: str):
+                 precision: str, device: str, freezing: tuple[list[str], bool, str]):
   """Returns (blocking step callable, info dict) for drjax."""
   import jax
   import jax.numpy as jnp
@@ -98,7 +98,7 @@ def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
         eval_fn(variables, images).block_until_ready()
       return run, info
 
-    patterns, frozen_bn, source = trainable_patterns(model_name)
+    patterns, frozen_bn, source = freezing
     label_tree = freeze.trainable_labels(variables['params'], patterns)
     tx = optax.adam(1e-4)
     state = jax.device_put(train.create_train_state(variables, tx, label_tree), dev)
@@ -136,7 +136,8 @@ def torch_path(name: str) -> str:
 
 
 def torch_workload(mode: str, model_name: str, batch_size: int, image_size: int,
-                   precision: str, device: str, channels_last: bool = False):
+                   precision: str, device: str, freezing: tuple[list[str], bool, str],
+                   channels_last: bool = False):
   """Returns (blocking step callable, info dict) for the PyTorch reference."""
   import torch
   import torch.nn.functional as F  # noqa: N812
@@ -166,7 +167,7 @@ def torch_workload(mode: str, model_name: str, batch_size: int, image_size: int,
       sync()
     return run, info
 
-  patterns, _, source = trainable_patterns(model_name)
+  patterns, _, source = freezing
   compiled = [re.compile(p) for p in patterns]
   for name, p in model.named_parameters():
     p.requires_grad = any(r.fullmatch(torch_path(name)) for r in compiled)
@@ -205,7 +206,8 @@ def worker(spec: dict, mode: str) -> dict:
     common.limit_torch_threads(spec['threads'])
   rss_start = common.current_rss_mib()
   build = jax_workload if spec['framework'] == 'jax' else torch_workload
-  kwargs = {}
+  kwargs = dict(freezing=(spec['trainable'], spec['frozen_bn_inference'],
+                          spec['trainable_source']))
   if spec['framework'] == 'torch' and spec.get('channels_last'):
     kwargs['channels_last'] = True
   run, info = build(mode, spec['model'], spec['batch_size'], spec['image_size'],

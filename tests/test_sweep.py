@@ -244,15 +244,20 @@ def test_sweep_refuses_a_workdir_of_another_run(tmp_path):
                     reason='scripts/train.py (TRAIN) has not landed yet; this test runs the '
                            'real two-run smoke sweep once it exists')
 def test_real_tiny_sweep_with_train_script(tmp_path):
+  # Two smoke runs side by side (each is mostly single-threaded compilation, ~80 CPU-s).
   root = tmp_path / 'root'
-  result = _run_script(['scripts/sweep.py', f'--root={root}',
-                        '--grid=config=configs/densenet.py:smoke',
-                        '--grid=config.seed=0,1'], timeout=600)
+  args = ['scripts/sweep.py', f'--root={root}', '--parallel=2',
+          '--grid=config=configs/densenet.py:smoke', '--grid=config.seed=0,1']
+  result = _run_script(args, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   for name in ('seed=0', 'seed=1'):
     workdir = root / name
     report = sweep.find_report(json.loads((workdir / 'metrics.json').read_text()))
     assert report is not None and 'referable' in report
     assert sweep.read_loss_curve(str(workdir))[0], 'metrics.jsonl has no train_loss'
+  summary = (root / 'summary.md').read_text()
+  assert '| seed=0 | densenet_tiny |' in summary and '2 run(s) done' in summary
+  again = _run_script(args, timeout=300)  # resume: nothing left to train
+  assert again.returncode == 0 and '2 skipped' in (root / 'summary.md').read_text()
   cmp = compare.compare(sweep.find_workdirs(root), str(tmp_path / 'cmp'))
   assert cmp['missing'] == [] and cmp['figure_path'] is not None
