@@ -8,13 +8,17 @@ step normalises on device). No augmentation on either side.
 PyTorch: a torchvision model with `requires_grad=False` on the frozen parameters,
 `model.train()`, `torch.optim.Adam` over the trainable parameters, `F.cross_entropy`,
 fed float32 NCHW normalised tensors as a DataLoader with ToTensor+Normalize delivers them;
-`model.eval()` + `torch.inference_mode()` for evaluation. bf16 on a GPU is
-`torch.autocast('cuda', dtype=torch.bfloat16)` (AMP; bf16 needs no GradScaler).
+`model.eval()` + `torch.inference_mode()` for evaluation. Note that `model.train()` also
+runs the frozen layers' BatchNorms with batch statistics and updates their running stats,
+as such user code does; drjax runs them in inference mode (config.frozen_bn_inference).
+bf16 on a GPU is `torch.autocast('cuda', dtype=torch.bfloat16)` (AMP; bf16 needs no
+GradScaler).
 
 Both sides freeze the same parameters: the patterns of TRAIN's configs (configs/*.py,
 `config.trainable`) where present, else the paper's choice below, matched against
 '/'-joined parameter paths (torchvision 'features.28.weight' -> 'features/28/weight', the
-same path drjax uses); the worker checks that both count the same trainable scalars.
+same path drjax uses); each result row says whether both sides train the same number of
+scalars (`same_trainable`).
 """
 
 from __future__ import annotations
