@@ -33,7 +33,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from drjax import checkpoint, freeze
+from drjax import checkpoint, distributed, freeze
 from drjax.models import common as models_common
 
 PyTree = Any
@@ -83,8 +83,8 @@ def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransf
 
 
 def make_mesh(devices=None) -> Mesh:
-  """1-D mesh over all local devices, axis 'data'."""
-  devices = jax.local_devices() if devices is None else devices
+  """1-D mesh over all devices of all processes (process-major), axis 'data'."""
+  devices = distributed.global_devices() if devices is None else devices
   return Mesh(np.asarray(devices), ('data',))
 
 
@@ -237,8 +237,10 @@ def evaluate(model: nn.Module, variables: PyTree, batches: Iterator[Mapping[str,
     valid = np.asarray(batch.pop('valid', np.ones(len(batch['label']), bool)))
     probs = eval_fn(variables, shard_batch({'image': batch['image']}, mesh)['image'])
     probs = np.asarray(jax.device_get(probs))
+    # probs cover the global batch; labels/valid are this process's rows of it.
+    valid = distributed.gather_rows(valid)
     all_probs.append(probs[valid])
-    all_labels.append(np.asarray(batch['label'])[valid])
+    all_labels.append(distributed.gather_rows(batch['label'])[valid])
   if not all_probs:
     raise ValueError('the evaluation split is empty')
   return np.concatenate(all_labels).astype(np.int64), np.concatenate(all_probs)
@@ -288,6 +290,16 @@ class MetricWriter:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+class _NoWriter:
+  """MetricWriter of the processes other than 0."""
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass
 
 
 def read_metrics_jsonl(workdir: str | pathlib.Path) -> list[dict]:
@@ -383,7 +395,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir_config(workdir, config)
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  if distributed.is_main_process():
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
   mesh = make_mesh()
   num_devices = mesh.devices.size
@@ -393,7 +406,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
                        'local devices it is sharded over.')
   replicated = NamedSharding(mesh, P())
 
-  ds = pipeline.get_dataset(config.input)
+  # Process 0 builds/indexes the dataset on the shared disk, then the others read it.
+  ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
   model = models.get_model(config.model, num_classes=config.num_classes)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -426,7 +440,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     print(f'Resuming from checkpoint step {start_step} in {workdir}', flush=True)
   else:
     start_step = 0
-    pretrained, weights_source = resolve_weights(config, init_variables)
+    pretrained, weights_source = distributed.process_zero_first(
+        lambda: resolve_weights(config, init_variables), 'weights')
     is_pretrained = pretrained is not None
     if not is_pretrained:
       variables = init_variables
@@ -445,7 +460,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
       trainable_patterns = list(config.trainable)
     labels = freeze.trainable_labels(variables['params'], trainable_patterns)
     state = replicate(create_train_state(variables, tx, labels), mesh)
-  (workdir / 'weights_source.txt').write_text(weights_source + '\n')
+  if distributed.is_main_process():
+    (workdir / 'weights_source.txt').write_text(weights_source + '\n')
   counts = freeze.count(state.params, labels)
   logging.info('Trainable patterns %s: %s parameters', trainable_patterns, counts)
   meta = {**expected_meta, 'trainable': list(trainable_patterns), 'weights_source': weights_source,
@@ -462,14 +478,16 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
 
   def run_eval(variables):
     return evaluate(model, variables, pipeline.make_eval_iterator(
-        config.input, ds.validation, config.eval_batch_size), mesh, eval_fn)
+        config.input, ds.validation, config.eval_batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count()), mesh, eval_fn)
 
   # The pipeline's stream is a pure function of (seed, step): a resumed run
   # continues exactly where the checkpointed one was.
   train_iter = pipeline.make_train_iterator(
       config.input, ds.train, config.batch_size, config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
-  writer = MetricWriter(workdir, start_step)
+  # Only process 0 writes; the others compute the same (replicated) scalars.
+  writer = MetricWriter(workdir, start_step) if distributed.is_main_process() else _NoWriter()
   pending: list[dict[str, jax.Array]] = []
   last_log_time, last_log_step = time.time(), start_step
 
@@ -499,7 +517,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
   from tqdm import tqdm
   postfix: dict[str, str] = {}
   bar = tqdm(total=config.num_steps, initial=start_step, desc=f'train {config.model}',
-             unit='step', dynamic_ncols=True, disable=not config.progress_bar)
+             unit='step', dynamic_ncols=True,
+             disable=not config.progress_bar or not distributed.is_main_process())
   try:
     for step in range(start_step + 1, config.num_steps + 1):
       batch = next(train_iter)
@@ -543,6 +562,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
                  'weights_source': weights_source, 'pretrained': is_pretrained,
                  'trainable': list(trainable_patterns), 'parameter_counts': counts,
                  'dataset': config.input.dataset})
+  if not distributed.is_main_process():
+    return report  # metrics.json, figures and Grad-CAM are process 0's
   (workdir / 'metrics.json').write_text(json.dumps(report, indent=2, sort_keys=True))
 
   rows = [r for r in read_metrics_jsonl(workdir) if 'train_loss' in r]
