@@ -174,7 +174,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       # Norm of the trainable gradients only (reading the frozen ones would bring
       # their backward pass back).
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
   }
   new_state = state.replace(step=state.step + 1, params=freeze.merge(trainable, frozen),
                             batch_stats=batch_stats, opt_state=opt_state)
@@ -327,6 +327,18 @@ def resolve_weights(config: mlc.ConfigDict, init_variables: PyTree) -> tuple[PyT
   return variables, source
 
 
+def choose_trainable(config: mlc.ConfigDict, pretrained: bool) -> list[str]:
+  """The trainable patterns a run uses.
+
+  `config.trainable` with pretrained weights. From a random init, freezing the
+  trunk would train a head on random features, so by default
+  (`config.weights.random_init_trains_all`) everything trains.
+  """
+  if not pretrained and config.weights.random_init_trains_all:
+    return ['.*']
+  return list(config.trainable)
+
+
 def _abstract(tree: PyTree, sharding) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -445,8 +457,6 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     is_pretrained = pretrained is not None
     if not is_pretrained:
       variables = init_variables
-      trainable_patterns = (['.*'] if config.weights.random_init_trains_all
-                            else list(config.trainable))
       _loud_warning(
           f'NO PRETRAINED WEIGHTS for {config.model}: {weights_source}. Training from a random '
           'init' + (', so ALL layers are trainable (config.weights.random_init_trains_all; '
@@ -457,7 +467,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
       weights_source = f'{weights_source} [RANDOM INIT: no pretrained weights]'
     else:
       variables = {k: pretrained[k] for k in ('params', 'batch_stats') if k in pretrained}
-      trainable_patterns = list(config.trainable)
+    trainable_patterns = choose_trainable(config, is_pretrained)
     labels = freeze.trainable_labels(variables['params'], trainable_patterns)
     state = replicate(create_train_state(variables, tx, labels), mesh)
   if distributed.is_main_process():
@@ -619,7 +629,36 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None
   return config, model, variables
 
 
-__all__ = [
-    'TrainState', 'create_train_state', 'make_train_step', 'train_step', 'eval_step',
-    'evaluate', 'train_and_evaluate', 'load_run', 'load_config', 'make_mesh', 'shard_batch',
-]
+
+def evaluate_run(workdir: str | pathlib.Path, split: str = 'validation',
+                 config_input: mlc.ConfigDict | None = None, batch_size: int | None = None,
+                 step: int | None = None) -> dict:
+  """classification_report of a saved run on `split` of its dataset (or of `config_input`'s).
+
+  Args:
+    workdir: a run of `train_and_evaluate`.
+    split: 'validation' (the run's held-out 20%), 'test' (the dataset's own
+      test split, if any) or 'train'.
+    config_input: another `input` block (e.g. IDRiD) to evaluate on; default the run's.
+    batch_size: default the run's eval_batch_size (rounded up to the device count).
+    step: checkpoint step; default the latest.
+  """
+  from drjax import metrics as drjax_metrics
+  from drjax.data import pipeline
+
+  config, model, variables = load_run(workdir, step=step)
+  config_input = config.input if config_input is None else config_input
+  ds = pipeline.get_dataset(config_input)
+  source = {'validation': ds.validation, 'test': ds.test, 'train': ds.train}[split]
+  if source is None:
+    raise ValueError(f'{config_input.dataset} has no {split!r} split')
+  mesh = make_mesh()
+  n = mesh.devices.size
+  batch_size = batch_size or config.eval_batch_size
+  batch_size = -(-batch_size // n) * n
+  labels, probs = evaluate(model, variables,
+                           pipeline.make_eval_iterator(config_input, source, batch_size), mesh)
+  report = drjax_metrics.classification_report(labels, probs)
+  report.update({'split': split, 'dataset': config_input.dataset, 'model': config.model,
+                 'workdir': str(workdir)})
+  return report

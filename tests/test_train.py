@@ -1,0 +1,156 @@
+"""Tests for the train step (drjax.train): freezing, skipped frozen backward pass, sharding,
+learning, mixed precision, and the random-init policy."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from drjax import freeze, models, train
+
+SIZE = 32
+BATCH = 8
+# The paper's DenseNet choice on the tiny variant: head, norm5 and the last dense block.
+PAPER_LIKE = ['classifier/.*', 'features/norm5/.*', 'features/denseblock4/.*']
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = models.get_model('densenet_tiny', num_classes=5)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+  return model, variables
+
+
+def _batch(seed=0, n=BATCH):
+  rs = np.random.RandomState(seed)
+  return {'image': rs.randint(0, 256, (n, SIZE, SIZE, 3)).astype(np.uint8),
+          'label': (np.arange(n) % 5).astype(np.int32)}
+
+
+def _setup(model, variables, trainable, devices=None, lr=1e-2, **kwargs):
+  tx = optax.adam(lr)
+  # The step donates its state: never hand it the fixture's own buffers.
+  variables = jax.tree.map(jnp.copy, variables)
+  labels = freeze.trainable_labels(variables['params'], trainable)
+  mesh = train.make_mesh(devices)
+  state = train.replicate(train.create_train_state(variables, tx, labels), mesh)
+  step_fn = train.make_train_step(model, tx, labels, mesh=mesh, **kwargs)
+  return state, step_fn, labels, mesh
+
+
+def _flat(tree):
+  return {freeze.path_str(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def test_frozen_params_and_their_batch_stats_are_bit_identical_after_steps(tiny):
+  model, variables = tiny
+  state, step_fn, labels, mesh = _setup(model, variables, PAPER_LIKE)
+  before = _flat({'params': state.params, 'batch_stats': state.batch_stats})
+  batch = train.shard_batch(_batch(), mesh)
+  for _ in range(3):
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+  after = _flat({'params': state.params, 'batch_stats': state.batch_stats})
+  assert int(state.step) == 3
+  trainable = {'params/' + k for k, v in _flat(labels).items() if v == 'trainable'}
+  for path in before:
+    module_trainable = any(path.startswith(p) for p in ('params/classifier',
+                                                        'params/features/norm5',
+                                                        'params/features/denseblock4',
+                                                        'batch_stats/features/norm5',
+                                                        'batch_stats/features/denseblock4'))
+    if path.startswith('params/'):
+      assert (path in trainable) == module_trainable, path
+    if module_trainable:
+      assert not np.array_equal(before[path], after[path]), f'{path} did not train'
+    else:
+      # Frozen weights, and the running stats of frozen BatchNorms (inference mode).
+      np.testing.assert_array_equal(before[path], after[path], err_msg=path)
+  # Optimizer state exists for the trainable partition only.
+  n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  assert n_opt == 2 * freeze.count(variables['params'], labels)['trainable'] + 1  # mu, nu, count
+
+
+def test_frozen_bn_in_train_mode_updates_stats_but_not_params(tiny):
+  model, variables = tiny
+  state, step_fn, _, mesh = _setup(model, variables, PAPER_LIKE, frozen_bn_inference=False)
+  before = _flat({'params': state.params, 'batch_stats': state.batch_stats})
+  state, _ = step_fn(state, train.shard_batch(_batch(), mesh), jax.random.key(1))
+  after = _flat({'params': state.params, 'batch_stats': state.batch_stats})
+  np.testing.assert_array_equal(before['params/features/norm0/scale'],
+                                after['params/features/norm0/scale'])
+  assert not np.array_equal(before['batch_stats/features/norm0/mean'],
+                            after['batch_stats/features/norm0/mean'])
+
+
+def _flops(model, variables, trainable):
+  state, step_fn, _, mesh = _setup(model, variables, trainable, devices=jax.devices()[:1])
+  compiled = step_fn.lower(state, train.shard_batch(_batch(), mesh), jax.random.key(0)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return cost['flops']
+
+
+def test_frozen_backward_pass_is_not_computed(tiny):
+  model, variables = tiny
+  all_flops = _flops(model, variables, ['.*'])
+  paper_flops = _flops(model, variables, PAPER_LIKE)
+  head_flops = _flops(model, variables, ['classifier/.*'])
+  # Training everything costs ~forward + 2x backward; with the trunk frozen the
+  # backward pass stops at denseblock4, so the step is close to a forward pass.
+  assert paper_flops < 0.6 * all_flops, (paper_flops, all_flops)
+  assert head_flops <= paper_flops
+
+
+def test_sharded_step_equals_single_device_step(tiny):
+  model, variables = tiny
+  assert jax.device_count() >= 4, 'conftest forces 4 CPU devices'
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    state, step_fn, _, mesh = _setup(model, variables, PAPER_LIKE, devices=devices)
+    for i in range(2):
+      state, metrics = step_fn(state, train.shard_batch(_batch(i), mesh), jax.random.key(3))
+    if len(devices) == 4:
+      assert state.params['classifier']['kernel'].sharding.is_fully_replicated
+    results.append(jax.device_get((state, metrics)))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('mixed_precision', ['float32', 'bfloat16'])
+def test_loss_decreases_on_a_tiny_problem(tiny, mixed_precision):
+  _, variables = tiny
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[mixed_precision]
+  model = models.get_model('densenet_tiny', num_classes=5, dtype=dtype)
+  state, step_fn, _, mesh = _setup(model, variables, ['.*'], lr=3e-3,
+                                   mixed_precision=mixed_precision)
+  batch = train.shard_batch(_batch(), mesh)
+  losses = []
+  for _ in range(25):
+    state, metrics = step_fn(state, batch, jax.random.key(0))
+    losses.append(float(metrics['loss']))
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+  # float32 master weights, whatever the compute dtype.
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def test_augmentation_runs_inside_the_step(tiny):
+  from drjax.data import augment
+
+  model, variables = tiny
+  state, step_fn, _, mesh = _setup(model, variables, PAPER_LIKE,
+                                   augment_fn=augment.make_augment_fn(augment.default_config()))
+  state, metrics = step_fn(state, train.shard_batch(_batch(), mesh), jax.random.key(0))
+  chex.assert_tree_all_finite(metrics)
+
+
+def test_random_init_trains_everything_by_default():
+  config = mlc.ConfigDict({'trainable': ('classifier/.*',),
+                           'weights': {'random_init_trains_all': True}})
+  assert train.choose_trainable(config, pretrained=False) == ['.*']
+  assert train.choose_trainable(config, pretrained=True) == ['classifier/.*']
+  config.weights.random_init_trains_all = False
+  assert train.choose_trainable(config, pretrained=False) == ['classifier/.*']
