@@ -129,9 +129,10 @@ def idrid_examples(idrid_dir: str | os.PathLike, num_images: int, image_size: in
 
 
 def load_examples(dataset: str, num_images: int, image_size: int, *, seed: int = 0,
-                  idrid_dir: str | None = None, btgraham: bool = False) -> list[Example]:
+                  idrid_dir: str | None = None, btgraham: bool = False,
+                  stats_size: int = 1024) -> list[Example]:
   if dataset == 'synthetic_fundus':
-    return synthetic_examples(num_images, image_size, seed)
+    return synthetic_examples(num_images, image_size, seed, stats_size)
   if dataset == 'idrid':
     if idrid_dir is None:
       raise ValueError('--idrid_dir is required for dataset idrid')
@@ -533,7 +534,7 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
                  idrid_dir: str | None = None, num_images: int = 16,
                  methods: Sequence[str] = DEFAULT_METHODS, image_size: int | None = None,
                  tolerance: float = 15, faithfulness_images: int = 4,
-                 seed: int = 1000) -> pathlib.Path:
+                 seed: int = 1000, stats_size: int = 1024) -> pathlib.Path:
   """The study for each run in `workdirs`; one report.md with a section per run."""
   from drjax import train
 
@@ -543,7 +544,8 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
     config, model, variables = train.load_run(workdir)
     size = image_size or config.input.image_size
     examples = load_examples(dataset, num_images, size, seed=seed, idrid_dir=idrid_dir,
-                             btgraham=bool(config.input.get('btgraham', False)))
+                             btgraham=bool(config.input.get('btgraham', False)),
+                             stats_size=stats_size)
     examples = [e for e in examples if e.masks is not None and e.masks.any()]
     info = _model_info(pathlib.Path(workdir), config, dataset)
     study = run_study(model, variables, examples, arch=config.model, methods=methods,

@@ -41,7 +41,7 @@ SIZE = 32
 def toy():
   model = ToyNet()
   images = jax.random.normal(jax.random.PRNGKey(1), (3, SIZE, SIZE, 3))
-  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
   # Non-trivial BN statistics, so that the eval-mode BN is part of what is tested.
   stats = variables['batch_stats']['norm']
   variables = {
@@ -306,3 +306,58 @@ def test_methods_dict_has_one_signature(toy):
     raw = gradcam.METHODS[name](model, variables, images, layer='stage1', targets=[0, 1, 2],
                                 raw=True)
     chex.assert_shape(raw, (3, SIZE // 2, SIZE // 2))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(toy):
+  """The toy model as a 'run' at 32 px, standing in for drjax.train.load_run."""
+  import ml_collections as mlc
+  model, variables, _ = toy
+  config = mlc.ConfigDict(dict(model='toynet', num_classes=5,
+                               input=dict(image_size=SIZE, dataset='synthetic_fundus')))
+  return config, model, variables
+
+
+def test_explain_writes_figure_heatmaps_and_scores(tiny_run, tmp_path):
+  from PIL import Image
+
+  from drjax import cam_study
+  from drjax.data import synthetic
+  config, model, variables = tiny_run
+  ex = synthetic.generate_example(7, 3, image_size=96)
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(ex['image']).save(tmp_path / 'in' / 'eye1.png')
+  np.savez(tmp_path / 'in' / 'eye1.npz', masks=ex['masks'])
+  report = cam_study.explain(model, variables, cam_study.list_images([str(tmp_path / 'in')]),
+                             tmp_path / 'out', image_size=SIZE, masks_dir=tmp_path / 'in')
+  assert (tmp_path / 'out' / 'eye1_gradcam.png').exists()
+  heat = np.load(tmp_path / 'out' / 'heatmaps_gradcam.npz')['eye1']
+  assert heat.shape == (SIZE, SIZE) and 0 <= heat.min() and heat.max() <= 1
+  scores = report['images']['eye1']['scores']
+  assert set(scores) == {'MA', 'HE', 'EX', 'SE', 'NV', 'any'}
+  assert 'mean' in report and (tmp_path / 'out' / 'scores_gradcam.json').exists()
+
+
+def test_cam_study_report(tiny_run, tmp_path, monkeypatch):
+  from drjax import cam_study, train
+  monkeypatch.setattr(train, 'load_run', lambda workdir: tiny_run)
+  path = cam_study.run_workdirs([str(tmp_path / 'run')], tmp_path / 'study', num_images=3,
+                                methods=('gradcam', 'layercam'), faithfulness_images=1,
+                                stats_size=96)
+  text = path.read_text()
+  for needle in ('gradcam@stage2', 'fusion@stage2', 'gradients@input', 'The area argument',
+                 'Conclusion', 'deletion AUC'):
+    assert needle in text, needle
+  assert (tmp_path / 'study' / 'toynet' / 'figure_grid.png').exists()
+  result = __import__('json').loads((tmp_path / 'study' / 'toynet' / 'results.json').read_text())
+  assert result['layer_shapes']['stage2'] == [SIZE // 4, SIZE // 4]
+  assert result['areas']['MA']['cell_stage2'] == pytest.approx(1 / (SIZE // 4) ** 2)
+
+
+def test_save_panel(tiny_run, tmp_path):
+  from drjax import gradcam as g
+  config, model, variables = tiny_run
+  images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), dtype=np.uint8)
+  heat = g.save_panel(model, variables, images, str(tmp_path / 'panel.png'), labels=[0, 3])
+  assert heat.shape == (2, SIZE, SIZE)
+  assert (tmp_path / 'panel.png').stat().st_size > 0
