@@ -183,6 +183,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         '--coordinator_address (host:port of process 0, reachable from all hosts) and '
         '--num_processes, and a distinct --process_id in 0..N-1; all must start within '
         f'--initialization_timeout={initialization_timeout_seconds}s.') from e
+  if jax.default_backend() == 'cpu' and jax.process_count() > 1:
+    # XLA's gloo gives the processes 30 s to meet when it first connects a set of
+    # devices; later collectives on that set wait as long as needed (a dead peer
+    # is the heartbeat's job). Connect now, while initialize has just aligned the
+    # processes, rather than at the first train step, which a process that
+    # compiles 30 s slower than the others would miss.
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices('drjax: connect gloo')
   message = (f'drjax: process {jax.process_index()} of {jax.process_count()} '
              f'(coordinator {where}, {jax.local_device_count()} local / {jax.device_count()} '
              f'global {jax.default_backend()} devices). A process silent for '
