@@ -131,6 +131,12 @@ class DenseNet(nn.Module):
     return ('classifier',)
 
   @nn.nowrap
+  def make_head(self, name: str | None = None) -> nn.Dense:
+    """The classification head, as __call__ builds it (torchvision: default weights, zero bias)."""
+    return nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
+                    name=name)
+
+  @nn.nowrap
   def init(self, *args, **kwargs):
     """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
     return layers.clean_init_variables(super().init(*args, **kwargs))
@@ -143,8 +149,7 @@ class DenseNet(nn.Module):
                   self.bn_size, self.dtype, name='features')(
                       x, train, functools.partial(common.tap, self))
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
-    x = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init,
-                 dtype=self.dtype, name='classifier')(x)
+    x = self.make_head(name='classifier')(x)
     return jnp.asarray(x, jnp.float32)
 
 

@@ -119,6 +119,12 @@ class ResNet(nn.Module):
     return ('fc',)
 
   @nn.nowrap
+  def make_head(self, name: str | None = None) -> nn.Dense:
+    """The classification head, as __call__ builds it."""
+    return nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
+                    name=name)
+
+  @nn.nowrap
   def init(self, *args, **kwargs):
     """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
     return layers.clean_init_variables(super().init(*args, **kwargs))
@@ -149,8 +155,7 @@ class ResNet(nn.Module):
                  name=f'layer{i + 1}')(x, train)
       x = common.tap(self, f'layer{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
-    x = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init,
-                 dtype=self.dtype, name='fc')(x)
+    x = self.make_head(name='fc')(x)
     return jnp.asarray(x, jnp.float32)
 
 

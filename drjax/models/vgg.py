@@ -83,14 +83,17 @@ class _Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    # torchvision: normal(0, 0.01) weights, zero biases.
-    dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01),
-                              dtype=self.dtype)
+    dense = functools.partial(_dense, dtype=self.dtype)
     x = nn.relu(dense(self.hidden, name='0')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.relu(dense(self.hidden, name='3')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return dense(self.num_classes, name='6')(x)
+
+
+def _dense(features: int, dtype: Any, name: str | None = None) -> nn.Dense:
+  """torchvision's VGG Linear: normal(0, 0.01) weights, zero biases."""
+  return nn.Dense(features, kernel_init=nn.initializers.normal(0.01), dtype=dtype, name=name)
 
 
 class VGG(nn.Module):
@@ -125,6 +128,11 @@ class VGG(nn.Module):
   def head_path(self) -> tuple[str, ...]:
     """Parameter path of the classification head (replaced when fine-tuning)."""
     return ('classifier', '6')
+
+  @nn.nowrap
+  def make_head(self, name: str | None = None) -> nn.Dense:
+    """The classification head ('classifier/6'), as __call__ builds it."""
+    return _dense(self.num_classes, self.dtype, name=name)
 
   @nn.nowrap
   def init(self, *args, **kwargs):
