@@ -229,7 +229,7 @@ def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: st
       mem += (f" (device {_f(r['jax_peak_device_mib'], '.0f')} / "
               f"{_f(r['torch_peak_device_mib'], '.0f')})")
     lines.append(f"| {what} | {r['model']} | {r['batch_size']} | {r['precision']} | {where} | "
-                 f"{_f(r['jax_images_per_s'], '.1f')} | {_f(r['torch_images_per_s'], '.1f')} | "
+                 f"{_f(r['jax_images_per_s'], '.3g')} | {_f(r['torch_images_per_s'], '.3g')} | "
                  f"{_f(r['ratio'], '.2f')}x | {mem} |"
                  + (' NOT THE SAME TRAINABLE PARAMETERS |' if r.get('same_trainable') is False
                     else ''))
