@@ -93,7 +93,7 @@ def main(argv):
     tmodel = getattr(torchvision.models, FLAGS.arch)(weights=None).eval()
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with GradCAM(model=tmodel, target_layers=[_TORCH_LAYER[FLAGS.arch](tmodel)]) as cam:
-      t_torch, torch_times = _median_time(lambda: cam(input_tensor=xt), FLAGS.warmup,
+      t_torch, torch_times = _median_time(lambda: cam(input_tensor=xt, targets=None), FLAGS.warmup,
                                           FLAGS.repeats)
 
     def torch_forward():

@@ -46,13 +46,13 @@ def _mkdir_for(path):
 def figure5(image: np.ndarray, heatmap: np.ndarray, path: str, title: str | None = None,
             mask: np.ndarray | None = None) -> None:
   """One row: fundus | heatmap | overlay (the paper's Figure 5), optional mask outline."""
-  grid([image], {'heatmap': [heatmap]}, path, row_titles=[title] if title else None,
+  grid([image], {'heatmap': [heatmap]}, path, title=title,
        masks=None if mask is None else [mask], show_heatmap=True)
 
 
 def grid(images: Sequence[np.ndarray], columns: Mapping[str, Sequence[np.ndarray]], path: str, *,
          row_titles: Sequence[str] | None = None, masks: Sequence[np.ndarray] | None = None,
-         show_heatmap: bool = False, cell_inches: float = 2.2) -> None:
+         show_heatmap: bool = False, cell_inches: float = 2.2, title: str | None = None) -> None:
   """A figure grid: one row per image; the fundus, then one overlay column per entry.
 
   Args:
@@ -62,6 +62,7 @@ def grid(images: Sequence[np.ndarray], columns: Mapping[str, Sequence[np.ndarray
     row_titles: optional label per row (left of the fundus).
     masks: optional `[H, W]` lesion masks per row, outlined in white on each overlay.
     show_heatmap: with a single column, also show the bare heatmap (Figure 5 layout).
+    title: optional figure title.
   """
   names = list(columns)
   ncols = 1 + len(names) + (1 if show_heatmap else 0)
@@ -92,6 +93,8 @@ def grid(images: Sequence[np.ndarray], columns: Mapping[str, Sequence[np.ndarray
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
+  if title:
+    fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   _mkdir_for(path)
   fig.savefig(path, dpi=100)

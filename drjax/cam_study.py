@@ -383,7 +383,9 @@ def write_report(result: dict, heatmaps: dict[str, np.ndarray], examples: Sequen
     json.dump(result, f, indent=1, default=float)
   n = min(grid_images, len(examples))
   keys = [k for k in heatmaps if not k.startswith(('hirescam@', 'xgradcam@', 'gradcam++@'))]
-  cam_figures.grid([e.image for e in examples[:n]], {k: heatmaps[k][:n] for k in keys},
+  cam_figures.grid([e.image for e in examples[:n]],
+                   {k.split('@')[0] if k.startswith(FUSION) else k: heatmaps[k][:n]
+                    for k in keys},
                    str(out_dir / 'figure_grid.png'),
                    row_titles=[e.id for e in examples[:n]],
                    masks=[e.masks.any(-1) if e.masks is not None else None
