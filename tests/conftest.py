@@ -6,6 +6,9 @@ import os
 _FLAGS = os.environ.get('XLA_FLAGS', '')
 if 'xla_force_host_platform_device_count' not in _FLAGS:
   os.environ['XLA_FLAGS'] = (_FLAGS + ' --xla_force_host_platform_device_count=4').strip()
+# No test downloads anything: drjax.weights.resolve never tries torchvision's URLs
+# (subprocesses inherit this).
+os.environ['DRJAX_NO_DOWNLOAD'] = '1'
 
 import pathlib  # noqa: E402
 
