@@ -10,8 +10,8 @@ BatchNorms use their running statistics); Adam, lr 1e-4, cross-entropy, 80/20
 split, the same hyper-parameters as configs/densenet.py (the paper selects them
 identically for the three backbones).
 
-Default run: the same data and schedule as configs/densenet.py (1000 synthetic
-images at 128 px, batch 32, 300 steps); ResNet101 needs about 2.5x the FLOPs of
+Default run: the same data and schedule as configs/densenet.py (800 synthetic
+images at 64 px, batch 16, 150 steps); ResNet101 needs about 2.5x the FLOPs of
 DenseNet121, so on a 2-core CPU it takes correspondingly longer. Expect a
 validation kappa above 0 but below the DenseNet run's from a random init.
 `:paper` is EyePACS at 224 px, batch 256 (see configs/densenet.py).
@@ -34,7 +34,7 @@ def get_config(arg=None):
   config = _common().get_config(
       arg, model='resnet101', smoke_model='resnet_tiny',
       trainable=('fc/.*', 'layer4/.*'),
-      image_size=128, num_images=1000, batch_size=32, num_steps=300, eval_every=100,
-      checkpoint_every=100)
+      image_size=64, num_images=800, batch_size=16, num_steps=150, eval_every=75,
+      checkpoint_every=75)
   config.lock()
   return config

@@ -11,10 +11,10 @@ trainable are the last block containing convolutions, conv5_1-conv5_3
 Adam, lr 1e-4, cross-entropy, 80/20 split, the same hyper-parameters as
 configs/densenet.py.
 
-Default run: the same data and schedule as configs/densenet.py (1000 synthetic
-images at 128 px, batch 32, 300 steps); VGG16 costs about 5x DenseNet121's FLOPs
+Default run: the same data and schedule as configs/densenet.py (800 synthetic
+images at 64 px, batch 16, 150 steps); VGG16 costs about 5x DenseNet121's FLOPs
 per image, so on a 2-core CPU it is the slowest of the three. From a random init
-without BatchNorm it learns slowly: expect a validation kappa near 0 after 300
+without BatchNorm it learns slowly: expect a validation kappa near 0 after 150
 steps. `:paper` is EyePACS at 224 px, batch 256 (see configs/densenet.py).
 """
 
@@ -35,8 +35,8 @@ def get_config(arg=None):
   config = _common().get_config(
       arg, model='vgg16', smoke_model='vgg_tiny',
       trainable=('classifier/.*', 'features/(24|26|28)/.*'),
-      image_size=128, num_images=1000, batch_size=32, num_steps=300, eval_every=100,
-      checkpoint_every=100)
+      image_size=64, num_images=800, batch_size=16, num_steps=150, eval_every=75,
+      checkpoint_every=75)
   if arg == 'smoke':
     # vgg_tiny numbers its features differently (it has BatchNorms).
     config.trainable = ('classifier/.*',)

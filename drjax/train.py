@@ -421,8 +421,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
   # Process 0 builds/indexes the dataset on the shared disk, then the others read it.
   ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
   model = models.get_model(config.model, num_classes=config.num_classes)
-  rng = jax.random.key(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
+  train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  # RngBitGenerator-based key for the initializers: XLA on CPU compiles the init of a
+  # 121-layer net about twice as fast as with threefry (~30 s vs ~55 s of CPU).
+  init_rng = jax.random.key(config.seed, impl='rbg')
   size = config.input.image_size
   init_variables = jax.jit(functools.partial(model.init, train=False))(
       init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
