@@ -483,7 +483,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
   if config.augment_enabled:
     from drjax.data import augment
     augment_fn = augment.make_augment_fn(config.augment)
-  step_fn = make_train_step(model, tx, labels, augment_fn=augment_fn,
+  if config.mixed_precision not in _COMPUTE_DTYPES:
+    raise ValueError(f'config.mixed_precision must be one of {sorted(_COMPUTE_DTYPES)}, '
+                     f'got {config.mixed_precision!r}')
+  # Mixed precision: the step's model computes in bf16; params, grads and Adam stay float32.
+  compute_model = models.get_model(config.model, num_classes=config.num_classes,
+                                   dtype=_COMPUTE_DTYPES[config.mixed_precision])
+  step_fn = make_train_step(compute_model, tx, labels, augment_fn=augment_fn,
                             frozen_bn_inference=config.frozen_bn_inference,
                             mixed_precision=config.mixed_precision, mesh=mesh)
   eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
