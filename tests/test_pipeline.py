@@ -112,6 +112,14 @@ def test_class_weights_reject_ungraded_labels():
   assert pipeline.sampling_probabilities(np.asarray([0, -1]), None) is None
 
 
+@pytest.mark.parametrize('weights', [None, (), (None,)])
+def test_class_weights_none_from_a_flag_means_uniform(weights):
+  # `--config.input.class_weights=None` on the tuple field arrives as (None,).
+  assert pipeline.sampling_probabilities(np.asarray([0, 1, 2]), weights) is None
+  probs = pipeline.sampling_probabilities(np.asarray([0, 1, 1]), (1.0, 3.0))
+  np.testing.assert_allclose(probs, [1 / 7, 3 / 7, 3 / 7])
+
+
 def test_default_config_is_lockable_and_overridable():
   c = pipeline.default_config()
   c.lock()

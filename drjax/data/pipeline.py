@@ -209,10 +209,14 @@ def sampling_probabilities(labels: np.ndarray,
                            class_weights: Sequence[float] | None) -> np.ndarray | None:
   """Per-example probabilities proportional to `class_weights[label]`; None if no weights.
 
+  `class_weights` None, () or (None,) means uniform sampling (returns None).
+
   This is PyTorch's WeightedRandomSampler with per-class weights, which the paper used:
   grade g is drawn with probability w_g * d_g / sum_h(w_h * d_h).
   """
-  if class_weights is None:
+  # A tuple-typed config field given `--config.input.class_weights=None` on the
+  # command line arrives as (None,); it means uniform sampling, like None and ().
+  if class_weights is None or all(w is None for w in class_weights):
     return None
   w = np.asarray(class_weights, np.float64)
   labels = np.asarray(labels)
