@@ -27,21 +27,11 @@ Trainable layers are one flag: `--config.trainable="('.*',)"` (everything),
 `--config.trainable="('classifier/.*',)"` (head only).
 """
 
-import importlib.util
-import pathlib
-
-
-def _common():
-  """configs/common.py, loaded by path: config files are loaded by path, not as a package."""
-  spec = importlib.util.spec_from_file_location(
-      'drjax_configs_common', pathlib.Path(__file__).with_name('common.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from drjax import recipe
 
 
 def get_config(arg=None):
-  config = _common().get_config(
+  config = recipe.get_config(
       arg, model='densenet121', smoke_model='densenet_tiny',
       trainable=(
           'classifier/.*',

@@ -18,21 +18,11 @@ without BatchNorm it learns slowly: expect a validation kappa near 0 after 150
 steps. `:paper` is EyePACS at 224 px, batch 256 (see configs/densenet.py).
 """
 
-import importlib.util
-import pathlib
-
-
-def _common():
-  """configs/common.py, loaded by path: config files are loaded by path, not as a package."""
-  spec = importlib.util.spec_from_file_location(
-      'drjax_configs_common', pathlib.Path(__file__).with_name('common.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from drjax import recipe
 
 
 def get_config(arg=None):
-  config = _common().get_config(
+  config = recipe.get_config(
       arg, model='vgg16', smoke_model='vgg_tiny',
       trainable=('classifier/.*', 'features/(24|26|28)/.*'),
       image_size=64, num_images=800, batch_size=16, num_steps=150, eval_every=75,

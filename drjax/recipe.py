@@ -1,7 +1,8 @@
-"""Fields shared by the three backbone configs (paper section 2.3: same hyper-parameters for all).
+"""The training recipe shared by the three backbone configs (paper 2.3: same hyper-parameters).
 
 Not a config itself: `configs/densenet.py`, `configs/resnet.py` and `configs/vgg.py`
-call `get_config(arg, model=..., trainable=..., ...)` and lock the result.
+call `get_config(arg, model=..., trainable=..., ...)` and lock the result. It lives
+in the package so that the config files, which are loaded by path, can import it.
 """
 
 from collections.abc import Sequence
