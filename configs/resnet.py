@@ -24,7 +24,7 @@ def get_config(arg=None):
   config = recipe.get_config(
       arg, model='resnet101', smoke_model='resnet_tiny',
       trainable=('fc/.*', 'layer4/.*'),
-      image_size=64, num_images=800, batch_size=16, num_steps=150, eval_every=75,
-      checkpoint_every=75)
+      image_size=64, num_images=800, batch_size=16, num_steps=300, eval_every=100,
+      checkpoint_every=100)
   config.lock()
   return config

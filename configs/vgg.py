@@ -25,8 +25,8 @@ def get_config(arg=None):
   config = recipe.get_config(
       arg, model='vgg16', smoke_model='vgg_tiny',
       trainable=('classifier/.*', 'features/(24|26|28)/.*'),
-      image_size=64, num_images=800, batch_size=16, num_steps=150, eval_every=75,
-      checkpoint_every=75)
+      image_size=64, num_images=800, batch_size=16, num_steps=300, eval_every=100,
+      checkpoint_every=100)
   if arg == 'smoke':
     # vgg_tiny numbers its features differently (it has BatchNorms).
     config.trainable = ('classifier/.*',)

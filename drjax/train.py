@@ -41,9 +41,10 @@ PyTree = Any
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 _OPTIMIZERS = {
-    'adam': lambda c: optax.adam(c.lr),
-    'sgd': lambda c: optax.sgd(c.lr, momentum=0.9),
+    'adam': lambda lr: optax.adam(lr),
+    'sgd': lambda lr: optax.sgd(lr, momentum=0.9),
 }
+_SCHEDULES = ('constant', 'cosine')
 
 # Called as `_step_hook(step)` after every step's bookkeeping. A no-op; tests
 # replace it (e.g. to SIGKILL the process at a chosen step).
@@ -65,12 +66,37 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: PyTree
 
 
-def make_optimizer(config_optimizer: mlc.ConfigDict) -> optax.GradientTransformation:
-  """optax transformation named by `config.optimizer.name` ('adam' in the paper)."""
+def make_schedule(config_optimizer: mlc.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Learning rate per step: `schedule` 'constant' (the paper) or 'cosine' decay to 0.
+
+  Both ramp up linearly from 0 over `warmup_steps` (0: no warm-up).
+  """
+  c = config_optimizer
+  schedule, warmup = c.get('schedule', 'constant'), c.get('warmup_steps', 0)
+  if schedule not in _SCHEDULES:
+    raise ValueError(f'unknown optimizer.schedule {schedule!r}; choose one of {_SCHEDULES}')
+  if not 0 <= warmup < max(num_steps, 1):
+    raise ValueError(f'optimizer.warmup_steps={warmup} must be in [0, num_steps={num_steps})')
+  if schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, num_steps, end_value=0.0)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup),
+                                 optax.constant_schedule(c.lr)], [warmup])
+  return optax.constant_schedule(c.lr)
+
+
+def make_optimizer(config_optimizer: mlc.ConfigDict,
+                   num_steps: int = 0) -> optax.GradientTransformation:
+  """optax transformation named by `config.optimizer.name` ('adam' in the paper).
+
+  Args:
+    config_optimizer: `config.optimizer` (name, lr, and optionally schedule, warmup_steps).
+    num_steps: length of the run, which a 'cosine' schedule decays over.
+  """
   if config_optimizer.name not in _OPTIMIZERS:
     raise ValueError(f'unknown optimizer {config_optimizer.name!r}; '
                      f'choose one of {sorted(_OPTIMIZERS)}')
-  return _OPTIMIZERS[config_optimizer.name](config_optimizer)
+  return _OPTIMIZERS[config_optimizer.name](make_schedule(config_optimizer, num_steps))
 
 
 def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransformation,
@@ -355,6 +381,20 @@ def _check_workdir_config(workdir: pathlib.Path, config: mlc.ConfigDict) -> None
           'Use a fresh --workdir for a different architecture, or delete the old one.')
 
 
+def panel_indices(labels: np.ndarray, n: int) -> np.ndarray:
+  """Up to `n` indices of `labels` for a figure: one per grade, highest grade first, repeating.
+
+  The first validation images of a skewed set are mostly grade 0, whose maps show
+  no lesion; this picks e.g. grades 4, 3, 2, 1 for n=4 (skipping absent grades).
+  """
+  labels = np.asarray(labels)
+  if n <= 0 or labels.size == 0:
+    return np.zeros((0,), np.int64)
+  by_grade = [np.flatnonzero(labels == g) for g in np.unique(labels)[::-1]]
+  picks = [idx[i] for i in range(max(map(len, by_grade))) for idx in by_grade if i < len(idx)]
+  return np.asarray(picks[:n], np.int64)
+
+
 def _write_gradcam_panel(model, variables, labels, probs, images, path: pathlib.Path) -> str:
   """Grad-CAM of the predicted class for a few validation images, as one PNG."""
   try:
@@ -429,7 +469,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
   init_variables = jax.jit(functools.partial(model.init, train=False))(
       init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
   init_variables = {k: v for k, v in init_variables.items() if k in ('params', 'batch_stats')}
-  tx = make_optimizer(config.optimizer)
+  tx = make_optimizer(config.optimizer, config.num_steps)
+  lr_schedule = make_schedule(config.optimizer, config.num_steps)
 
   def make_abstract(meta):
     labels = freeze.trainable_labels(init_variables['params'], meta['trainable'])
@@ -528,7 +569,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     scalars['steps_per_sec'] = (step - last_log_step) / max(now - last_log_time, 1e-9)
     last_log_time, last_log_step = now, step
     scalars = {f'train_{k}' if k in ('loss', 'accuracy') else k: v for k, v in scalars.items()}
-    scalars['lr'] = float(config.optimizer.lr)
+    scalars['lr'] = float(lr_schedule(step))
     writer.write(step, scalars)
     return scalars
 
@@ -589,18 +630,20 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     plots.loss_curve([r['step'] for r in rows], [r['train_loss'] for r in rows],
                      workdir / 'loss_curve.png', title=f'{config.model} training loss')
 
-  n = min(config.gradcam.num_images, len(val_labels))
-  if n:
-    images, kept = [], 0
+  picks = panel_indices(val_labels, config.gradcam.num_images)
+  if picks.size:
+    # The eval iterator yields the validation split in the order of val_labels.
+    images, offset = {}, 0
     for batch in pipeline.make_eval_iterator(config.input, ds.validation, config.eval_batch_size):
-      take = np.asarray(batch['image'])[np.asarray(batch['valid'])][:n - kept]
-      images.append(take)
-      kept += len(take)
-      if kept >= n:
+      rows = np.asarray(batch['image'])[np.asarray(batch['valid'])]
+      for i in picks[(picks >= offset) & (picks < offset + len(rows))]:
+        images[i] = rows[i - offset]
+      offset += len(rows)
+      if len(images) == picks.size:
         break
     try:
-      note = _write_gradcam_panel(model, jax.device_get(variables), val_labels[:n],
-                                  val_probs[:n], np.concatenate(images),
+      note = _write_gradcam_panel(model, jax.device_get(variables), val_labels[picks],
+                                  val_probs[picks], np.stack([images[i] for i in picks]),
                                   workdir / 'gradcam' / 'panel.png')
     except Exception as e:  # noqa: BLE001 - a CAM failure must not lose the trained run
       note = f'failed: {type(e).__name__}: {e}'

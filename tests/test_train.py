@@ -147,3 +147,44 @@ def test_random_init_trains_everything_by_default():
   assert train.choose_trainable(config, pretrained=True) == ['classifier/.*']
   config.weights.random_init_trains_all = False
   assert train.choose_trainable(config, pretrained=False) == ['classifier/.*']
+
+
+def _optimizer_config(**kwargs):
+  c = mlc.ConfigDict({'name': 'adam', 'lr': 1e-3, 'schedule': 'constant', 'warmup_steps': 0})
+  c.update(kwargs)
+  return c
+
+
+def test_learning_rate_schedules():
+  constant = train.make_schedule(_optimizer_config(), 100)
+  assert [float(constant(s)) for s in (0, 50, 99)] == pytest.approx([1e-3] * 3)
+  warm = train.make_schedule(_optimizer_config(warmup_steps=10), 100)
+  assert [float(warm(s)) for s in (0, 5, 10, 99)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+  cosine = train.make_schedule(_optimizer_config(schedule='cosine', warmup_steps=10), 110)
+  # Linear warm-up to the peak, then half a cosine period down to 0 at the last step.
+  assert [float(cosine(s)) for s in (0, 10, 60, 110)] == pytest.approx([0, 1e-3, 5e-4, 0],
+                                                                       abs=1e-9)
+  # The optimizer follows the schedule: its first update is 0 during the warm-up's step 0.
+  tx = train.make_optimizer(_optimizer_config(schedule='cosine', warmup_steps=10), 110)
+  params = {'w': jnp.ones(3)}
+  updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
+  np.testing.assert_array_equal(updates['w'], 0.0)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    ({'schedule': 'cosin'}, "unknown optimizer.schedule 'cosin'"),
+    ({'warmup_steps': 100}, 'warmup_steps=100'),
+    ({'name': 'adamw'}, "unknown optimizer 'adamw'"),
+])
+def test_bad_optimizer_config_is_a_clear_error(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    train.make_optimizer(_optimizer_config(**kwargs), 100)
+
+
+def test_panel_indices_show_every_grade_highest_first():
+  labels = np.array([0, 0, 2, 0, 4, 1, 2, 0])
+  np.testing.assert_array_equal(train.panel_indices(labels, 4), [4, 2, 5, 0])
+  np.testing.assert_array_equal(train.panel_indices(labels, 6), [4, 2, 5, 0, 6, 1])
+  assert train.panel_indices(labels, 0).size == 0
+  assert train.panel_indices(np.array([], int), 3).size == 0
+  assert len(train.panel_indices(labels, 100)) == len(labels)
