@@ -28,6 +28,8 @@ from drjax import cam_figures, gradcam, localize
 LESION_TYPES = localize.DEFAULT_LESION_TYPES
 DEFAULT_METHODS = ('gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam')
 FUSION = 'fusion'
+PAPER_SIZE = 224  # the paper's input size (its 7x7 denseblock4 map)
+PAPER_TOLERANCE = 15  # pointing-game tolerance in pixels at PAPER_SIZE
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp')
 
 
@@ -253,9 +255,11 @@ def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
   heatmaps = compute_heatmaps(model, variables, images, layers, methods)
   scores = score_heatmaps(heatmaps, examples, tolerance)
   shapes = layer_shapes(model, variables, size, layers)
+  paper_shapes = layer_shapes(model, variables, PAPER_SIZE, layers)
   result = dict(
       arch=arch or type(model).__name__, image_size=size, num_images=len(examples),
       layers=list(layers), layer_shapes={k: list(v) for k, v in shapes.items()},
+      paper_layer_shapes={k: list(v) for k, v in paper_shapes.items()},
       default_layer=model.default_cam_layer, tolerance=tolerance, methods=list(methods),
       scores=scores, areas=area_table(examples, shapes), model_info=model_info or {},
       faithfulness=(faithfulness(model, variables, examples, heatmaps, faithfulness_images)
@@ -314,9 +318,15 @@ def area_markdown(result: dict) -> str:
         [t, str(row['images']), str(row['lesions']), _pct(row['total_fraction']),
          _pct(row['lesion_fraction'])] +
         [_pct(row[f'lesion_per_cell_{layer}']) for layer in layers]) + ' |')
-  cells = ', '.join(f'{layer}: {_pct(1 / (shapes[layer][0] * shapes[layer][1]))}'
-                    for layer in layers)
-  return '\n'.join(lines) + f'\n\nOne heatmap cell as a fraction of the image: {cells}.'
+  def cells(shapes):
+    return ', '.join(f'{layer} {shapes[layer][0]}x{shapes[layer][1]}: '
+                     f'{_pct(1 / (shapes[layer][0] * shapes[layer][1]))}' for layer in layers)
+  text = f'\n\nOne heatmap cell as a fraction of the image: {cells(shapes)}.'
+  paper = result.get('paper_layer_shapes')
+  if paper and result['image_size'] != PAPER_SIZE:
+    text += (f' At the paper\'s {PAPER_SIZE} px (the lesion fractions above are measured at '
+             f'full resolution, whatever the input size): {cells(paper)}.')
+  return '\n'.join(lines) + text
 
 
 def _pct(v):
@@ -535,9 +545,14 @@ def _model_info(workdir: pathlib.Path, config, dataset: str) -> dict:
 def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_fundus',
                  idrid_dir: str | None = None, num_images: int = 16,
                  methods: Sequence[str] = DEFAULT_METHODS, image_size: int | None = None,
-                 tolerance: float = 15, faithfulness_images: int = 4,
+                 tolerance: float | None = None, faithfulness_images: int = 4,
                  seed: int = 1000, stats_size: int = 1024) -> pathlib.Path:
-  """The study for each run in `workdirs`; one report.md with a section per run."""
+  """The study for each run in `workdirs`; one report.md with a section per run.
+
+  `tolerance` is the pointing game's, in pixels of the study's input; None scales
+  15 px at the paper's 224 px to it (about 4 px at 64 px), so that a hit means
+  the same fraction of the fundus at any size.
+  """
   from drjax import train
 
   out_dir = pathlib.Path(out_dir)
@@ -550,8 +565,9 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
                              stats_size=stats_size)
     examples = [e for e in examples if e.masks is not None and e.masks.any()]
     info = _model_info(pathlib.Path(workdir), config, dataset)
+    tol = PAPER_TOLERANCE * size / PAPER_SIZE if tolerance is None else tolerance
     study = run_study(model, variables, examples, arch=config.model, methods=methods,
-                      tolerance=tolerance, faithfulness_images=faithfulness_images,
+                      tolerance=round(tol, 1), faithfulness_images=faithfulness_images,
                       model_info=info)
     sub = out_dir / config.model
     path = write_report(study['result'], study['heatmaps'], examples, sub,

@@ -20,7 +20,8 @@ flags.DEFINE_integer('num_images', 16, 'Images with lesion masks.')
 flags.DEFINE_list('methods', 'gradcam,gradcam++,hirescam,xgradcam,layercam',
                   'Keys of drjax.gradcam.METHODS (scorecam is slow: one pass per channel).')
 flags.DEFINE_integer('image_size', None, 'Default: the run\'s input size.')
-flags.DEFINE_float('tolerance', 15, 'Pointing-game tolerance in pixels.')
+flags.DEFINE_float('tolerance', None, 'Pointing-game tolerance in pixels of the input '
+                   '(default: 15 px at 224 px, scaled to the input size).')
 flags.DEFINE_integer('faithfulness_images', 4, 'Images for deletion/insertion (0: skip).')
 flags.DEFINE_integer('seed', 1000, 'First synthetic seed.')
 flags.DEFINE_string('out', None, 'Output folder.', required=True)

@@ -9,14 +9,10 @@ training loss, one panel per run). OUT defaults to ROOT/compare, or ./compare.
 """
 
 import os
-import sys
 
 from absl import app, flags
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from drjax import compare, sweep  # noqa: E402
+from drjax import compare, sweep
 
 _WORKDIRS = flags.DEFINE_list(
     'workdirs', [], 'Run workdirs, comma- or space-separated (--workdirs A B C).')

@@ -7,17 +7,11 @@ SE white, NV magenta).
   python scripts/make_synthetic_grid.py --output docs/synthetic_grid.png
 """
 
-import os
-import sys
-
 import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from drjax.data import synthetic  # noqa: E402
+from drjax.data import synthetic
 
 _OUTPUT = flags.DEFINE_string('output', 'docs/synthetic_grid.png', 'PNG to write.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Side of each rendered photograph, in pixels.')

@@ -10,15 +10,11 @@ Bad files are skipped; the summary is printed at the end and written as
 build_report_<split>.json beside the data. Exit status 1 if nothing usable was found.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 
-# Runnable from a checkout without installing drjax.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from drjax.data import builders  # noqa: E402
+from drjax.data import builders
 
 _DATASET = flags.DEFINE_enum('dataset', None, sorted(builders.BUILDERS), 'Dataset to build.')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Downloaded files (real datasets).')

@@ -11,15 +11,11 @@ others continue; the exit status is 1 if any run failed. The summary is written 
 ROOT/summary.md and ROOT/summary.csv (`--aggregate_only` just rewrites it).
 """
 
-import os
 import sys
 
 from absl import app, flags
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from drjax import sweep  # noqa: E402
+from drjax import sweep
 
 _ROOT = flags.DEFINE_string('root', None, 'Directory holding one workdir per run.',
                             required=True)

@@ -352,6 +352,11 @@ def test_cam_study_report(tiny_run, tmp_path, monkeypatch):
   result = __import__('json').loads((tmp_path / 'study' / 'toynet' / 'results.json').read_text())
   assert result['layer_shapes']['stage2'] == [SIZE // 4, SIZE // 4]
   assert result['areas']['MA']['cell_stage2'] == pytest.approx(1 / (SIZE // 4) ** 2)
+  # The paper's grid at 224 px, beside the study's own, and a pointing-game tolerance
+  # scaled from 15 px at 224 px to the input size.
+  assert result['paper_layer_shapes']['stage2'] == [224 // 4, 224 // 4]
+  assert f'stage2 {224 // 4}x{224 // 4}' in text
+  assert result['tolerance'] == pytest.approx(round(15 * SIZE / 224, 1))
 
 
 def test_save_panel(tiny_run, tmp_path):
