@@ -76,6 +76,9 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
   c.weights.path = ''  # explicit converted-weights dir or torchvision .pth; '' = look up
   # Without ImageNet weights a frozen random trunk is pointless: train all layers.
   c.weights.random_init_trains_all = True
+  # ResNets only: start every residual branch at 0 (torchvision's zero_init_residual);
+  # matters only for a random init, which pretrained weights replace.
+  c.weights.zero_init_residual = False
 
   c.seed = 0
   c.log_every = 10

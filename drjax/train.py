@@ -466,7 +466,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
   # 121-layer net about twice as fast as with threefry (~30 s vs ~55 s of CPU).
   init_rng = jax.random.key(config.seed, impl='rbg')
   size = config.input.image_size
-  init_variables = jax.jit(functools.partial(model.init, train=False))(
+  init_model = model
+  if config.weights.get('zero_init_residual', False):
+    if not hasattr(model, 'zero_init_residual'):
+      raise ValueError(f'config.weights.zero_init_residual=True applies to ResNets only, '
+                       f'not {config.model}')
+    init_model = model.clone(zero_init_residual=True)
+  init_variables = jax.jit(functools.partial(init_model.init, train=False))(
       init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
   init_variables = {k: v for k, v in init_variables.items() if k in ('params', 'batch_stats')}
   tx = make_optimizer(config.optimizer, config.num_steps)

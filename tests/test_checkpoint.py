@@ -128,6 +128,12 @@ def test_workdir_of_another_architecture_is_a_clear_error(tmp_path, data_dir, re
                                      trainable=('fc/.*',)), workdir)
 
 
+def test_zero_init_residual_on_a_non_resnet_is_a_clear_error(tmp_path, data_dir):
+  config = _config(data_dir, **{'weights.zero_init_residual': True})
+  with pytest.raises(ValueError, match='zero_init_residual=True applies to ResNets only'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     tmp_path, data_dir, reference_run):
   workdir = tmp_path / 'nan'

@@ -272,3 +272,26 @@ SIBLINGS = ('densenet161', 'densenet169', 'densenet201', 'resnet18', 'resnet34',
 def test_parity_siblings(arch):
   torch_model = _randomize(getattr(torchvision.models, arch)(num_classes=5))
   _check_parity(arch, torch_model, models.get_model(arch, num_classes=5), ((64, 96),))
+
+
+
+def test_zero_init_residual_changes_only_initial_values():
+  x = jnp.zeros((1, 32, 32, 3))
+  model = models.get_model('resnet_tiny', num_classes=5, zero_init_residual=True)
+  variables = _jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  block = variables['params']['layer1']['0']
+  np.testing.assert_array_equal(block['bn2']['scale'], 0.0)  # the branch's last BatchNorm
+  np.testing.assert_array_equal(block['bn1']['scale'], 1.0)
+  # The parameter tree stays torchvision's, so converted weights load into it unchanged.
+  default = models.get_model('resnet_tiny', num_classes=5)
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      variables, jax.eval_shape(functools.partial(default.init, train=False),
+                                jax.random.key(0), x))
+
+
+@pytest.mark.parametrize('block', [resnet.BasicBlock(16, zero_init_residual=True),
+                                   resnet.Bottleneck(4, zero_init_residual=True)])
+def test_zero_init_residual_block_starts_as_identity(block):
+  h = jnp.abs(jax.random.normal(jax.random.key(1), (2, 8, 8, 16)))  # post-ReLU input
+  variables = block.init(jax.random.key(0), h, train=False)
+  np.testing.assert_allclose(block.apply(variables, h, train=False), h, rtol=1e-6)

@@ -34,15 +34,17 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
                  kernel_init=kernel_init, dtype=dtype, name=name)
 
 
-def batch_norm(train: bool, *, name: str | None = None,
-               dtype: Dtype = jnp.float32) -> nn.BatchNorm:
+def batch_norm(train: bool, *, name: str | None = None, dtype: Dtype = jnp.float32,
+               zero_scale: bool = False) -> nn.BatchNorm:
   """torch.nn.BatchNorm2d defaults: eps=1e-5, momentum 0.1 (flax's 0.9).
 
   One difference remains in train mode: torch updates the running variance with
   the unbiased batch variance, flax with the biased one (a factor N/(N-1)).
+  `zero_scale` initialises the scale (gamma) to 0 instead of 1.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+                      dtype=dtype, name=name,
+                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones)
 
 
 def max_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.ndarray:

@@ -36,6 +36,7 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
+  zero_init_residual: bool = False  # bn2's scale starts at 0: the block starts as identity
   expansion: ClassVar[int] = 1
 
   @nn.compact
@@ -45,7 +46,8 @@ class BasicBlock(nn.Module):
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
     out = nn.relu(norm(name='bn1')(conv(self.planes, 3, stride=self.stride, padding=1,
                                         name='conv1')(x)))
-    out = norm(name='bn2')(conv(self.planes, 3, padding=1, name='conv2')(out))
+    out = norm(name='bn2', zero_scale=self.zero_init_residual)(
+        conv(self.planes, 3, padding=1, name='conv2')(out))
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
       x = _Downsample(self.planes * self.expansion, self.stride, self.dtype,
                       name='downsample')(x, train)
@@ -57,6 +59,7 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
+  zero_init_residual: bool = False  # bn3's scale starts at 0: the block starts as identity
   expansion: ClassVar[int] = 4
 
   @nn.compact
@@ -67,7 +70,8 @@ class Bottleneck(nn.Module):
     out = nn.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x)))
     out = nn.relu(norm(name='bn2')(conv(self.planes, 3, stride=self.stride, padding=1,
                                         name='conv2')(out)))
-    out = norm(name='bn3')(conv(self.planes * self.expansion, 1, name='conv3')(out))
+    out = norm(name='bn3', zero_scale=self.zero_init_residual)(
+        conv(self.planes * self.expansion, 1, name='conv3')(out))
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
       x = _Downsample(self.planes * self.expansion, self.stride, self.dtype,
                       name='downsample')(x, train)
@@ -81,16 +85,18 @@ class _Layer(nn.Module):
   num_blocks: int
   stride: int
   dtype: Any = jnp.float32
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     for i in range(self.num_blocks):
-      x = self.block(self.planes, self.stride if i == 0 else 1, self.dtype, name=str(i))(x, train)
+      x = self.block(self.planes, self.stride if i == 0 else 1, self.dtype,
+                     self.zero_init_residual, name=str(i))(x, train)
     return x
 
 
 class ResNet(nn.Module):
-  """torchvision.models.ResNet (groups=1, no dilation, zero_init_residual=False).
+  """torchvision.models.ResNet (groups=1, no dilation).
 
   Attributes:
     block: BasicBlock or Bottleneck.
@@ -98,12 +104,17 @@ class ResNet(nn.Module):
     widths: `planes` of layer1..layer4 (the stem has widths[0] channels).
     num_classes: size of the `fc` head.
     dtype: computation dtype (parameters stay float32; logits are float32).
+    zero_init_residual: torchvision's option of the same name (Goyal et al. 2017): the
+      last BatchNorm of every residual branch starts with scale 0, so that each block
+      starts as the identity. Only the initialisation changes; it helps a deep ResNet
+      train from scratch.
   """
   block: Any = Bottleneck
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   widths: Sequence[int] = (64, 128, 256, 512)
   num_classes: int = 1000
   dtype: Any = jnp.float32
+  zero_init_residual: bool = False
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -152,7 +163,7 @@ class ResNet(nn.Module):
     x = common.tap(self, 'stem', layers.max_pool(x, 3, 2, 1))
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       x = _Layer(self.block, planes, num_blocks, 1 if i == 0 else 2, self.dtype,
-                 name=f'layer{i + 1}')(x, train)
+                 self.zero_init_residual, name=f'layer{i + 1}')(x, train)
       x = common.tap(self, f'layer{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
     x = self.make_head(name='fc')(x)
