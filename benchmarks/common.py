@@ -55,7 +55,7 @@ def limit_threads(threads: int | None) -> dict:
   # The test suite's forced host devices must not split the CPU in a benchmark.
   flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', flags)
   if threads == 1:
-    flags += ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+    flags += ' --xla_cpu_multi_thread_eigen=false'
   os.environ['XLA_FLAGS'] = flags.strip()
   applied['XLA_FLAGS'] = os.environ['XLA_FLAGS']
   if threads and hasattr(os, 'sched_setaffinity'):

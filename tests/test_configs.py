@@ -46,6 +46,8 @@ def test_config_is_locked_and_has_the_paper_hyper_parameters(name, arg):
   assert config.num_classes == 5
   assert config.input.val_fraction == 0.2
   assert config.input.class_weights == (0.1, 1.0, 0.5, 3.0, 4.0)
+  # A random-init ResNet starts its residual branches at 0; the others have none.
+  assert config.weights.zero_init_residual == (name == 'resnet')
   assert config.mixed_precision == 'float32'
   assert config.frozen_bn_inference
   assert config.model in models.MODEL_NAMES
