@@ -6,6 +6,7 @@ eval-mode logits (and one named stage) on the same random images.
 """
 
 import functools
+import re
 
 import chex
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from drjax import models, weights
-from drjax.models import densenet, resnet, vgg
+from drjax.models import densenet, layers, resnet, vgg
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
@@ -295,3 +296,49 @@ def test_zero_init_residual_block_starts_as_identity(block):
   h = jnp.abs(jax.random.normal(jax.random.key(1), (2, 8, 8, 16)))  # post-ReLU input
   variables = block.init(jax.random.key(0), h, train=False)
   np.testing.assert_allclose(block.apply(variables, h, train=False), h, rtol=1e-6)
+
+
+def test_relu_matches_nn_relu_values_and_gradient():
+  x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0, jnp.nan, -jnp.inf, jnp.inf])
+  np.testing.assert_array_equal(layers.relu(x), jax.nn.relu(x))  # NaN propagates
+  finite = x[jnp.isfinite(x)]
+  np.testing.assert_array_equal(jax.grad(lambda v: layers.relu(v).sum())(finite),
+                                jax.grad(lambda v: jax.nn.relu(v).sum())(finite))  # 0 at 0
+  assert layers.relu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _largest_loop_fusion(fn, *args) -> int:
+  """Instruction count of the largest non-library fusion in fn's compiled CPU HLO."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  sizes, current = {}, None
+  for line in text.splitlines():
+    if line.startswith('%') and line.rstrip().endswith('{'):
+      current = line.split()[0].lstrip('%')
+      sizes[current] = 0
+    elif line.startswith('}'):
+      current = None
+    elif current:
+      sizes[current] += 1
+  called = [m.group(1) for m in re.finditer(r'kind=kLoop, calls=%([\w.\-]+)', text)]
+  return max(sizes[c] for c in called)
+
+
+def test_residual_stream_is_not_recomputed_in_every_block():
+  """The property layers.relu exists for: fusions stay the size of one block.
+
+  With max(x, 0) XLA:CPU duplicates every earlier block's BatchNorm + add + ReLU
+  into each later block's fusion (the largest fusion grows with depth).
+  """
+  depth, c = 12, 8
+  kernels = jax.random.normal(jax.random.key(0), (depth, 1, 1, c, c)) * 0.1
+  scales = jnp.linspace(0.5, 1.5, depth * c).reshape(depth, c)
+
+  def stream(x, kernels, scales):
+    for i in range(depth):
+      y = jax.lax.conv_general_dilated(x, kernels[i], (1, 1), 'VALID',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x = layers.relu(y * scales[i] + 0.1 + x)
+    return x
+
+  x = jnp.ones((2, 6, 6, c))
+  assert _largest_loop_fusion(stream, x, kernels, scales) < 3 * 8  # about one block's ops

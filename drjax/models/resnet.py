@@ -44,14 +44,14 @@ class BasicBlock(nn.Module):
     conv = functools.partial(layers.conv, kernel_init=layers.kaiming_normal_fan_out,
                              dtype=self.dtype)
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
-    out = nn.relu(norm(name='bn1')(conv(self.planes, 3, stride=self.stride, padding=1,
+    out = layers.relu(norm(name='bn1')(conv(self.planes, 3, stride=self.stride, padding=1,
                                         name='conv1')(x)))
     out = norm(name='bn2', zero_scale=self.zero_init_residual)(
         conv(self.planes, 3, padding=1, name='conv2')(out))
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
       x = _Downsample(self.planes * self.expansion, self.stride, self.dtype,
                       name='downsample')(x, train)
-    return nn.relu(out + x)
+    return layers.relu(out + x)
 
 
 class Bottleneck(nn.Module):
@@ -67,15 +67,15 @@ class Bottleneck(nn.Module):
     conv = functools.partial(layers.conv, kernel_init=layers.kaiming_normal_fan_out,
                              dtype=self.dtype)
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
-    out = nn.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x)))
-    out = nn.relu(norm(name='bn2')(conv(self.planes, 3, stride=self.stride, padding=1,
+    out = layers.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x)))
+    out = layers.relu(norm(name='bn2')(conv(self.planes, 3, stride=self.stride, padding=1,
                                         name='conv2')(out)))
     out = norm(name='bn3', zero_scale=self.zero_init_residual)(
         conv(self.planes * self.expansion, 1, name='conv3')(out))
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
       x = _Downsample(self.planes * self.expansion, self.stride, self.dtype,
                       name='downsample')(x, train)
-    return nn.relu(out + x)
+    return layers.relu(out + x)
 
 
 class _Layer(nn.Module):
@@ -159,7 +159,7 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = layers.conv(self.widths[0], 7, stride=2, padding=3, name='conv1',
                     kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype)(x)
-    x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
+    x = layers.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
     x = common.tap(self, 'stem', layers.max_pool(x, 3, 2, 1))
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       x = _Layer(self.block, planes, num_blocks, 1 if i == 0 else 2, self.dtype,
