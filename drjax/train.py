@@ -15,9 +15,12 @@ devices through `jax.jit` on a `Mesh` (batch on 'data', state replicated).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
+import os
 import pathlib
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -424,6 +427,44 @@ def _write_gradcam_panel(model, variables, labels, probs, images, path: pathlib.
   return str(path)
 
 
+class WorkdirBusyError(RuntimeError):
+  """Another live run holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+  """Holds an exclusive lock on `workdir/.lock` for one run (process 0 only).
+
+  Two runs writing one workdir would interleave checkpoints and metrics and
+  overwrite each other's results. The lock is an flock, so the kernel drops it
+  when its holder dies, even by SIGKILL: a killed run never blocks its resume.
+  """
+  if not distributed.is_main_process():
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / '.lock'
+  with open(path, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'unknown'
+      raise WorkdirBusyError(
+          f'{workdir} is in use by another drjax run ({holder}). Wait for it to finish, '
+          'stop it, or pass another --workdir.') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    try:
+      yield
+    finally:
+      f.seek(0)
+      f.truncate()
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains `config.model` on `config.input`, resuming from `workdir` when it has a checkpoint.
 
@@ -439,12 +480,19 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     FloatingPointError: a non-finite training loss or gradient (the last
       checkpoint saved before it is kept).
     drjax.checkpoint.IncompatibleCheckpointError: `workdir` belongs to another model.
+    WorkdirBusyError: another run is using `workdir`.
   """
+  workdir = pathlib.Path(workdir)
+  with workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: mlc.ConfigDict, workdir: pathlib.Path) -> dict:
+  """train_and_evaluate's body, run while holding the workdir lock."""
   from drjax import metrics as drjax_metrics
   from drjax import models, plots
   from drjax.data import pipeline
 
-  workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir_config(workdir, config)
   if distributed.is_main_process():

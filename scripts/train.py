@@ -14,6 +14,7 @@ under `srun`/`mpirun`, where all three are detected (see drjax/distributed.py).
 
 import datetime
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -63,7 +64,10 @@ def main(argv):
   logging.info('workdir: %s', workdir)
   print(f'workdir: {workdir}', flush=True)
   with distributed.peer_failure_context():
-    train.train_and_evaluate(config, workdir)
+    try:
+      train.train_and_evaluate(config, workdir)
+    except train.WorkdirBusyError as e:
+      sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -70,3 +70,18 @@ def test_evaluate_script_writes_metrics(smoke_run):
   assert report['confusion_matrix'] == final['confusion_matrix']
   assert report['kappa'] == pytest.approx(final['kappa'])
   assert 'kappa=' in result.stdout
+
+
+def test_train_script_refuses_a_workdir_in_use(tmp_path):
+  workdir = tmp_path / 'run'
+  with train.workdir_lock(workdir):
+    env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'scripts' / 'train.py'), '--config',
+         str(REPO / 'configs' / 'densenet.py:smoke'), '--workdir', str(workdir),
+         f'--config.input.data_dir={tmp_path / "tfds"}'],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  assert result.returncode == 1
+  assert f'error: {workdir} is in use by another drjax run (pid {os.getpid()}' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == ['.lock']

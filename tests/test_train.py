@@ -1,6 +1,11 @@
 """Tests for the train step (drjax.train): freezing, skipped frozen backward pass, sharding,
 learning, mixed precision, and the random-init policy."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -188,3 +193,45 @@ def test_panel_indices_show_every_grade_highest_first():
   assert train.panel_indices(labels, 0).size == 0
   assert train.panel_indices(np.array([], int), 3).size == 0
   assert len(train.panel_indices(labels, 100)) == len(labels)
+
+
+def test_workdir_lock_refuses_a_second_run_and_touches_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
+  with train.workdir_lock(workdir):
+    assert f'pid {os.getpid()}' in (workdir / '.lock').read_text()
+    busy = f'in use by another drjax run.*pid {os.getpid()}'
+    with pytest.raises(train.WorkdirBusyError, match=busy):
+      with train.workdir_lock(workdir):
+        pass
+    # The whole run refuses before reading its config or writing anything.
+    with pytest.raises(train.WorkdirBusyError, match='--workdir'):
+      train.train_and_evaluate(mlc.ConfigDict({'model': 'not read'}), workdir)
+  assert (workdir / 'metrics.jsonl').read_text() == '{"step": 1}\n'
+  assert sorted(p.name for p in workdir.iterdir()) == ['.lock', 'metrics.jsonl']
+  with train.workdir_lock(workdir):  # released
+    pass
+
+
+def test_workdir_lock_dies_with_its_holder(tmp_path):
+  """A SIGKILLed run leaves no stale lock: its resume must not be refused."""
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen(
+      [sys.executable, '-c',
+       'import pathlib, sys, time\n'
+       'from drjax import train\n'
+       f'with train.workdir_lock(pathlib.Path({str(workdir)!r})):\n'
+       '  print("locked", flush=True)\n'
+       '  time.sleep(600)\n'],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(train.WorkdirBusyError, match=f'pid {holder.pid}'):
+      with train.workdir_lock(workdir):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  with train.workdir_lock(workdir):
+    pass
