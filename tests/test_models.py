@@ -29,6 +29,13 @@ _COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 _jit = functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS)
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+  """torchvision's own initialisers draw from torch's global generator: fix it, so
+  that each test sees the same weights whichever worker and order runs it."""
+  torch.manual_seed(0)
+
+
 def _randomize(module, seed: int = 0):
   """Random weights, and BatchNorm statistics/affines far from their defaults.
 
@@ -99,9 +106,12 @@ def _check_parity(arch, torch_model, model, sizes, stage=None, stage_module=None
                                err_msg=f'{arch} logits at {height}x{width}')
     if stage is not None:
       (acts,) = state['intermediates'][stage]
-      # Deep stages (resnet101's layer4 after 100 layers) carry float32 rounding
-      # of ~1e-4 relative to their values, so here the tolerance is relative too.
-      np.testing.assert_allclose(np.asarray(acts), ref_acts, rtol=ATOL, atol=ATOL,
+      # Deep stages (resnet101's layer4, densenet121's denseblock4 after 100+ layers,
+      # values up to ~50) carry float32 rounding of ~1e-4 relative to their values
+      # and ~1e-5 of the tensor's scale on its near-zero entries: the tolerance is
+      # relative and scales with the tensor. A wrong layer or statistic is off by O(scale).
+      scale = max(1.0, float(np.abs(ref_acts).max()))
+      np.testing.assert_allclose(np.asarray(acts), ref_acts, rtol=ATOL, atol=ATOL * scale / 10,
                                  err_msg=f'{arch} {stage} at {height}x{width}')
 
 
