@@ -69,7 +69,7 @@ class _Features(nn.Module):
       if self.batch_norm:
         x = layers.batch_norm(train, name=str(index), dtype=self.dtype)(x)
         index += 1
-      x = tap_fn(f'conv{block}_{conv}', nn.relu(x))
+      x = tap_fn(f'conv{block}_{conv}', layers.relu(x))
       index, conv = index + 1, conv + 1  # the ReLU takes a Sequential index too
     return x
 
@@ -84,9 +84,9 @@ class _Classifier(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     dense = functools.partial(_dense, dtype=self.dtype)
-    x = nn.relu(dense(self.hidden, name='0')(x))
+    x = layers.relu(dense(self.hidden, name='0')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.relu(dense(self.hidden, name='3')(x))
+    x = layers.relu(dense(self.hidden, name='3')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return dense(self.num_classes, name='6')(x)
 
