@@ -45,7 +45,7 @@ class BasicBlock(nn.Module):
                              dtype=self.dtype)
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
     out = layers.relu(norm(name='bn1')(conv(self.planes, 3, stride=self.stride, padding=1,
-                                        name='conv1')(x)))
+                                            name='conv1')(x)))
     out = norm(name='bn2', zero_scale=self.zero_init_residual)(
         conv(self.planes, 3, padding=1, name='conv2')(out))
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
@@ -69,7 +69,7 @@ class Bottleneck(nn.Module):
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
     out = layers.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x)))
     out = layers.relu(norm(name='bn2')(conv(self.planes, 3, stride=self.stride, padding=1,
-                                        name='conv2')(out)))
+                                            name='conv2')(out)))
     out = norm(name='bn3', zero_scale=self.zero_init_residual)(
         conv(self.planes * self.expansion, 1, name='conv3')(out))
     if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
