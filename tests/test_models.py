@@ -317,6 +317,116 @@ def test_relu_matches_nn_relu_values_and_gradient():
   assert layers.relu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+# --------------------------------------------------------------------------
+# layers.conv_general_dilated: lax's convolution, computed as dots where faster.
+
+CONV_CASES = {
+    # name: (input height, width, channels), (kernel, stride, padding, features)
+    '1x1': ((9, 11, 6), (1, 1, 0, 5)),
+    '1x1_stride2_odd': ((9, 11, 6), (1, 2, 0, 5)),
+    '3x3_small_xla_grad': ((7, 7, 6), (3, 1, 1, 5)),  # 49 output pixels < 14 x 14
+    '3x3_tap_grad': ((16, 15, 6), (3, 1, 1, 5)),
+    '3x3_stride2_tap_grad': ((29, 31, 4), (3, 2, 1, 5)),
+    '7x7_stride2_tap_grad': ((32, 30, 3), (7, 2, 3, 4)),
+}
+
+
+def _lax_and_drjax_conv(stride, padding):
+  kwargs = dict(window_strides=(stride, stride), padding=((padding, padding),) * 2,
+                dimension_numbers=layers._NHWC_HWIO)
+  return (functools.partial(jax.lax.conv_general_dilated, **kwargs),
+          functools.partial(layers.conv_general_dilated, **kwargs))
+
+
+@pytest.mark.parametrize('case', sorted(CONV_CASES))
+def test_conv_general_dilated_matches_lax_values_and_gradients(case):
+  (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
+  x = jax.random.normal(jax.random.key(0), (2, height, width, channels))
+  kernel = jax.random.normal(jax.random.key(1), (k, k, channels, features))
+  reference, ours = _lax_and_drjax_conv(stride, padding)
+  np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+
+  def loss(conv, x, kernel):  # a non-linear loss, so that dy varies per pixel
+    return jnp.sum(jnp.sin(conv(x, kernel)))
+
+  expected = jax.grad(functools.partial(loss, reference), argnums=(0, 1))(x, kernel)
+  got = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(x, kernel)
+  for g, e, what in zip(got, expected, ('input', 'kernel'), strict=True):
+    chex.assert_equal_shape((g, e))
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.abs(e).max()),
+                               err_msg=f'{case}: gradient w.r.t. the {what}')
+
+
+@pytest.mark.parametrize('case, forward_convs, kernel_grad_dots', [
+    ('1x1', 0, 2), ('3x3_small_xla_grad', 1, 0), ('3x3_tap_grad', 1, 9),
+    ('7x7_stride2_tap_grad', 1, 49)])
+def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots):
+  """1x1 convolutions are dots (forward and transpose); larger kernels' weight gradients
+  one dot per tap, except below 14x14 output pixels."""
+  (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
+  x = jnp.zeros((2, height, width, channels))
+  kernel = jnp.zeros((k, k, channels, features))
+  _, conv = _lax_and_drjax_conv(stride, padding)
+
+  def count(jaxpr, name):
+    return str(jaxpr).count(f' {name}[')
+
+  forward = jax.make_jaxpr(conv)(x, kernel)
+  assert count(forward, 'conv_general_dilated') == forward_convs
+  kernel_grad = jax.make_jaxpr(jax.grad(lambda w: conv(x, w).sum()))(kernel)
+  assert count(kernel_grad, 'dot_general') == kernel_grad_dots
+
+
+def test_conv_general_dilated_keeps_bfloat16():
+  x = jnp.ones((1, 16, 16, 4), jnp.bfloat16)
+  kernel = jnp.full((3, 3, 4, 2), 0.5, jnp.bfloat16)
+  _, conv = _lax_and_drjax_conv(1, 1)
+  y, pullback = jax.vjp(conv, x, kernel)
+  dx, dkernel = pullback(jnp.ones_like(y))
+  assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.bfloat16,) * 3
+  # Interior taps see all 16 x 16 pixels of x = 1 and dy = 1: 256, exact in bfloat16.
+  assert float(dkernel[1, 1, 0, 0]) == 256.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', ['resnet18', 'vgg11'])
+def test_parameter_gradients_match_torchvision(arch):
+  """The backward pass too: every parameter's gradient of a loss, against torch autograd.
+
+  At 64x96 px this runs all of conv_general_dilated's paths: 1x1 dots (ResNet's
+  downsample, stride 2), tap-dot weight gradients (VGG's and ResNet's early stages,
+  the 7x7 stride-2 stem) and XLA's own below 14x14 output pixels (late stages).
+  Gradients are converted to drjax's layout by the weight converter, which is
+  linear (transposes and permutations), so it maps gradients as it maps weights.
+  """
+  torch_model = _randomize(getattr(torchvision.models, arch)(num_classes=5))
+  model = models.get_model(arch, num_classes=5)
+  variables = weights.from_torchvision(arch, torch_model.state_dict(), num_classes=5)
+  gen = torch.Generator().manual_seed(3)
+  images = torch.randn(2, 3, 64, 96, generator=gen)
+  labels = torch.tensor([1, 4])
+  torch_model.zero_grad()
+  torch.nn.functional.cross_entropy(torch_model(images), labels, reduction='sum').backward()
+  torch_grads = {k: (p.grad if p.grad is not None else p) for k, p in
+                 {**dict(torch_model.named_buffers()),
+                  **dict(torch_model.named_parameters())}.items()}
+  expected = weights.from_torchvision(arch, torch_grads, num_classes=5)['params']
+
+  def loss(params):
+    logits = model.apply({**variables, 'params': params}, images.numpy().transpose(0, 2, 3, 1),
+                         train=False)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None],
+                                axis=1).sum()
+
+  got = _jit(jax.grad(loss))(variables['params'])
+  flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+    e = np.asarray(flat_expected[path])
+    scale = max(float(np.abs(e).max()), 1e-6)
+    np.testing.assert_allclose(np.asarray(g), e, rtol=1e-3, atol=1e-4 * scale,
+                               err_msg=f'{arch} gradient of {jax.tree_util.keystr(path)}')
+
+
 def _largest_loop_fusion(fn, *args) -> int:
   """Instruction count of the largest non-library fusion in fn's compiled CPU HLO."""
   text = jax.jit(fn).lower(*args).compile().as_text()

@@ -6,11 +6,14 @@ rounding in its values, so converted torchvision weights give the same logits
 at any input size torchvision accepts.
 """
 
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax import lax
 
 Dtype = Any
 
@@ -19,6 +22,95 @@ kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal'
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+# ------------------------------------------------------------------ convolutions
+#
+# Every convolution of the ports goes through `conv_general_dilated` below, which
+# computes the same function as `lax.conv_general_dilated` in the way XLA:CPU runs
+# fastest. Measured at 1 thread (README, "Benchmarks"):
+# - 1x1 convolutions as dots: ResNet's took 21-53 GFLOP/s as convolution kernels
+#   and 21-81 as dots; their weight gradients, which layer4's fine-tuning computes,
+#   2-30 against 15-76. ResNet101's forward went from 4.5 to 3.7 s per batch of 16.
+# - The weight gradient of a larger kernel as one dot per kernel tap (the tap's
+#   shifted input against the output gradient, summed over batch and pixels).
+#   XLA's own weight-gradient convolution slows down as the image grows: VGG16's
+#   trainable 3x3 convolutions at 14x14 took 635 ms each (23 GFLOP/s) and take
+#   9 dots of 20 ms (84 GFLOP/s). Below 14x14 output pixels XLA's is as fast or
+#   faster (60 against 10-32 GFLOP/s for DenseNet's 7x7 layers), so it is kept.
+# The values are the same sums in another order; tests hold them to
+# `lax.conv_general_dilated`'s and the parity tests to torchvision's.
+
+_NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                      out_spec=(0, 3, 1, 2))
+_MIN_TAP_DOT_PIXELS = 14 * 14
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None):
+  """`lax.conv_general_dilated` (the signature `nn.Conv` calls), computed faster on CPU.
+
+  NHWC/HWIO convolutions with explicit padding, no dilation and one feature group
+  (all of the ports') take the paths described above; anything else goes to
+  `lax.conv_general_dilated` unchanged.
+  """
+  ones = (1, 1)
+  if (lhs.ndim != 4 or dimension_numbers != _NHWC_HWIO or feature_group_count != 1
+      or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones
+      or isinstance(padding, str)):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision)
+  strides = tuple(window_strides)
+  padding = tuple(tuple(p) for p in padding)
+  if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+    if strides != (1, 1):
+      lhs = lhs[:, ::strides[0], ::strides[1], :]
+    return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+  return _conv_tap_grad(lhs, rhs, strides, padding, precision)
+
+
+def _tap_input(x_padded, tap, out_hw, strides):
+  """The input pixels kernel tap (i, j) meets: x_padded[:, i + s*r, j + s*c, :]."""
+  (i, j), (out_h, out_w), (sh, sw) = tap, out_hw, strides
+  batch, _, _, channels = x_padded.shape
+  return lax.slice(x_padded, (0, i, j, 0),
+                   (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
+                   (1, sh, sw, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_tap_grad(x, kernel, strides, padding, precision):
+  """NHWC convolution whose kernel gradient is one dot per tap (see above)."""
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC_HWIO,
+                                  precision=precision)
+
+
+def _conv_tap_grad_fwd(x, kernel, strides, padding, precision):
+  return _conv_tap_grad(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _conv_tap_grad_bwd(strides, padding, precision, residuals, dy):
+  x, kernel = residuals
+  conv = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=padding,
+                           dimension_numbers=_NHWC_HWIO, precision=precision)
+  out_hw = dy.shape[1:3]
+  if out_hw[0] * out_hw[1] < _MIN_TAP_DOT_PIXELS:
+    return jax.vjp(conv, x, kernel)[1](dy)
+  (dx,) = jax.vjp(lambda x: conv(x, kernel), x)[1](dy)
+  x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  kernel_h, kernel_w = kernel.shape[:2]
+  taps = [lax.dot_general(_tap_input(x_padded, (i, j), out_hw, strides), dy,
+                          (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
+          for i in range(kernel_h) for j in range(kernel_w)]
+  dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dkernel
+
+
+_conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
@@ -31,7 +123,8 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
   """
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                 kernel_init=kernel_init, dtype=dtype, name=name)
+                 kernel_init=kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)
 
 
 def batch_norm(train: bool, *, name: str | None = None, dtype: Dtype = jnp.float32,
