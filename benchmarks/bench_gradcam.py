@@ -1,129 +1,167 @@
-r"""Batch Grad-CAM throughput: drjax vs pytorch-grad-cam on DenseNet121's denseblock4.
+"""Batch Grad-CAM throughput: drjax vs pytorch-grad-cam, same layer, batch, cores and threads.
 
-  python benchmarks/bench_gradcam.py --batch 8 --image_size 224 --threads 2 \
-      --out benchmarks/bench_gradcam.json
+  python benchmarks/bench_gradcam.py --threads 1 --batch 4                  # densenet121
+  python benchmarks/bench_gradcam.py --threads 1 --batch 4 --arch resnet101
+  python benchmarks/bench_gradcam.py --quick                                # batch 2, 2 repeats
 
-Both run on the same CPU cores (the process is pinned to the first --threads
-cores and torch.set_num_threads(--threads)), same batch, same layer, random
-weights (timing does not depend on them). Reported: median seconds per batch
-over --repeats timed runs after --warmup untimed ones (compilation excluded),
-images/s for drjax Grad-CAM, drjax forward pass alone and pytorch-grad-cam's
-GradCAM, and XLA's FLOP count of Grad-CAM relative to the forward pass. Prints
-a README table line.
+Each side runs in its own fresh process with the same thread limits as bench_train.py and
+bench_eval.py (benchmarks/common.py: pinned cores, one XLA/OpenMP thread per core):
+- drjax: `drjax.gradcam.gradcam(model, variables, images)` on the model's default CAM
+  layer, called as a user calls it, and the jitted forward pass alone; XLA's FLOP count
+  of Grad-CAM relative to the forward.
+- PyTorch: pytorch-grad-cam's `GradCAM` on the same layer of the torchvision model, and
+  the model's own forward under `torch.no_grad()`.
+Random weights (timing does not depend on them), float32, 1000 classes (ImageNet heads,
+the target being each image's top class on both sides). Reported: median seconds per
+batch after warm-up, images/s, peak RSS of each process. Writes
+benchmarks/results/bench_gradcam_<arch>.json and prints the README table line.
 """
 
+import argparse
 import json
 import os
-import platform
-import statistics
+import sys
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-flags.DEFINE_integer('batch', 8, 'Images per batch.')
-flags.DEFINE_integer('image_size', 224, 'Square input side.')
-flags.DEFINE_integer('threads', 2, 'CPU cores / threads for both frameworks.')
-flags.DEFINE_integer('warmup', 2, 'Untimed runs (compilation, caches).')
-flags.DEFINE_integer('repeats', 5, 'Timed runs; the median is reported.')
-flags.DEFINE_string('arch', 'densenet121', 'densenet121 | resnet101 | vgg16.')
-flags.DEFINE_string('out', 'benchmarks/bench_gradcam.json', 'JSON result path.')
-flags.DEFINE_bool('torch', True, 'Also time pytorch-grad-cam.')
-FLAGS = flags.FLAGS
+from benchmarks import common  # noqa: E402
 
 _TORCH_LAYER = {'densenet121': lambda m: m.features.denseblock4,
                 'resnet101': lambda m: m.layer4,
                 'vgg16': lambda m: m.features[29]}
 
 
-def _median_time(fn, warmup, repeats):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), times
-
-
-def main(argv):
-  del argv
-  if hasattr(os, 'sched_setaffinity'):
-    os.sched_setaffinity(0, set(range(min(FLAGS.threads, os.cpu_count() or 1))))
+def _jax_worker(spec: dict) -> dict:
   import jax
   import numpy as np
 
   from drjax import gradcam, models
 
-  b, s = FLAGS.batch, FLAGS.image_size
-  model = models.get_model(FLAGS.arch, num_classes=1000)
-  x = np.random.default_rng(0).standard_normal((b, s, s, 3)).astype(np.float32)
-  variables = jax.jit(lambda z: model.init(jax.random.PRNGKey(0), z, train=False))(x[:1])
-  xj = jax.device_put(x)
-
+  model = models.get_model(spec['arch'], num_classes=1000)
+  size = spec['image_size']
+  x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
+  variables = jax.jit(lambda z: model.init(jax.random.key(0), z, train=False))(x[:1])
+  x = jax.device_put(x)
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
+  timing_fwd = common.time_calls(lambda: forward(variables, x).block_until_ready(),
+                                 spec['warmup'], spec['repeats'])
   # Timed as a user calls it (the function jits its core itself); the jitted wrapper
-  # is for XLA's FLOP count below.
-  cam_fn = jax.jit(lambda v, z: gradcam.gradcam(model, v, z))
-  t_fwd, _ = _median_time(lambda: forward(variables, xj).block_until_ready(),
-                          FLAGS.warmup, FLAGS.repeats)
-  t_cam, cam_times = _median_time(
-      lambda: gradcam.gradcam(model, variables, xj).block_until_ready(),
-      FLAGS.warmup, FLAGS.repeats)
+  # is only for XLA's FLOP count.
+  timing_cam = common.time_calls(
+      lambda: gradcam.gradcam(model, variables, x).block_until_ready(),
+      spec['warmup'], spec['repeats'])
 
   def flops(fn):
-    cost = fn.lower(variables, xj).compile().cost_analysis()
+    cost = fn.lower(variables, x).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get('flops', float('nan')))
 
-  result = dict(
-      arch=FLAGS.arch, layer=model.default_cam_layer, batch=b, image_size=s,
-      threads=FLAGS.threads, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
-      cpu=platform.processor() or platform.machine(), jax=jax.__version__,
-      jax_backend=jax.default_backend(),
-      drjax_gradcam_s_per_batch=t_cam, drjax_gradcam_images_per_s=b / t_cam,
-      drjax_forward_s_per_batch=t_fwd, drjax_forward_images_per_s=b / t_fwd,
-      drjax_gradcam_over_forward_time=t_cam / t_fwd,
-      drjax_gradcam_over_forward_flops=flops(cam_fn) / flops(forward),
-      drjax_gradcam_times=cam_times)
+  cam_fn = jax.jit(lambda v, z: gradcam.gradcam(model, v, z))
+  return dict(layer=model.default_cam_layer, gradcam=timing_cam, forward=timing_fwd,
+              gradcam_over_forward_flops=flops(cam_fn) / flops(forward))
 
-  if FLAGS.torch:
-    import torch
-    import torchvision
-    from pytorch_grad_cam import GradCAM
 
-    torch.set_num_threads(FLAGS.threads)
-    tmodel = getattr(torchvision.models, FLAGS.arch)(weights=None).eval()
-    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    with GradCAM(model=tmodel, target_layers=[_TORCH_LAYER[FLAGS.arch](tmodel)]) as cam:
-      t_torch, torch_times = _median_time(lambda: cam(input_tensor=xt, targets=None), FLAGS.warmup,
-                                          FLAGS.repeats)
+def _torch_worker(spec: dict) -> dict:
+  import numpy as np
+  import torch
+  import torchvision
+  from pytorch_grad_cam import GradCAM
 
-    def torch_forward():
-      with torch.no_grad():
-        tmodel(xt)
+  model = getattr(torchvision.models, spec['arch'])(weights=None).eval()
+  size = spec['image_size']
+  x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
+  x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  with GradCAM(model=model, target_layers=[_TORCH_LAYER[spec['arch']](model)]) as cam:
+    timing_cam = common.time_calls(lambda: cam(input_tensor=x, targets=None),
+                                   spec['warmup'], spec['repeats'])
 
-    t_torch_fwd, _ = _median_time(torch_forward, FLAGS.warmup, FLAGS.repeats)
-    result.update(
-        torch=torch.__version__, torch_gradcam_s_per_batch=t_torch,
-        torch_gradcam_images_per_s=b / t_torch, torch_forward_images_per_s=b / t_torch_fwd,
-        torch_gradcam_times=torch_times, speedup_vs_pytorch_grad_cam=t_torch / t_cam)
+  def forward():
+    with torch.no_grad():
+      model(x)
 
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, 'w') as f:
-    json.dump(result, f, indent=1)
-  print(json.dumps({k: v for k, v in result.items() if not k.endswith('_times')}, indent=1))
-  line = (f'| {FLAGS.arch} {result["layer"]} | {s} px | batch {b} | {FLAGS.threads} | '
-          f'{result["drjax_gradcam_images_per_s"]:.2f} | '
-          f'{result.get("torch_gradcam_images_per_s", float("nan")):.2f} | '
-          f'{result.get("speedup_vs_pytorch_grad_cam", float("nan")):.2f}x | '
-          f'{result["drjax_forward_images_per_s"]:.2f} | '
-          f'{result["drjax_gradcam_over_forward_flops"]:.3f} |')
-  print('| model, layer | input | batch | CPU threads | drjax Grad-CAM img/s | '
-        'pytorch-grad-cam img/s | speedup | drjax forward img/s | Grad-CAM / forward FLOPs |')
-  print('|---|---|---|---|---|---|---|---|---|')
-  print(line)
+  timing_fwd = common.time_calls(forward, spec['warmup'], spec['repeats'])
+  return dict(gradcam=timing_cam, forward=timing_fwd)
+
+
+def worker(spec: dict) -> dict:
+  applied = common.limit_threads(spec['threads'])
+  if spec['framework'] == 'torch':
+    common.limit_torch_threads(spec['threads'])
+  result = (_jax_worker if spec['framework'] == 'jax' else _torch_worker)(spec)
+  for key in ('gradcam', 'forward'):
+    result[key]['images_per_s'] = spec['batch'] / result[key]['median_s']
+  return dict(spec, **result, peak_rss_mib=common.peak_rss_mib(), thread_limits=applied,
+              versions=common.versions())
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--arch', default='densenet121', choices=sorted(_TORCH_LAYER))
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--threads', type=int, default=None,
+                      help='cores for each side (default: all this process may use)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--frameworks', default='jax,torch')
+  parser.add_argument('--quick', action='store_true', help='batch 2, 1 warm-up, 2 repeats')
+  parser.add_argument('--out_dir', default=None,
+                      help=f'JSON results (default {common.RESULTS_DIR})')
+  parser.add_argument('--timeout_s', type=float, default=1800, help='per measurement')
+  parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    common.emit(worker(json.loads(args.worker)))
+    return
+  if args.quick:
+    args.batch, args.warmup, args.repeats = 2, 1, 2
+
+  threads = args.threads or len(os.sched_getaffinity(0))
+  results = {}
+  for framework in args.frameworks.split(','):
+    spec = dict(framework=framework, arch=args.arch, batch=args.batch,
+                image_size=args.image_size, threads=threads, warmup=args.warmup,
+                repeats=args.repeats)
+    print(f'[bench_gradcam] {framework} {args.arch} batch {args.batch} ({threads} threads) ...',
+          flush=True)
+    r = common.run_worker(os.path.abspath(__file__), spec, args.timeout_s)
+    results[framework] = r
+    if 'error' in r:
+      print(f"  ERROR: {r['error']}", flush=True)
+    else:
+      print(f"  Grad-CAM {r['gradcam']['images_per_s']:.2f} images/s, forward "
+            f"{r['forward']['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
+            flush=True)
+
+  ours, theirs = results.get('jax', {}), results.get('torch', {})
+
+  def rate(r, key):
+    return r[key]['images_per_s'] if key in r else float('nan')
+
+  summary = dict(
+      speedup_vs_pytorch_grad_cam=rate(ours, 'gradcam') / rate(theirs, 'gradcam'),
+      drjax_gradcam_over_own_forward=rate(ours, 'gradcam') / rate(ours, 'forward'),
+      pytorch_grad_cam_over_torch_forward=rate(theirs, 'gradcam') / rate(theirs, 'forward'))
+  nan = float('nan')
+  line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
+          f"{threads} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
+          f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | {rate(ours, 'forward'):.2f} | "
+          f"{rate(theirs, 'forward'):.2f} | {ours.get('gradcam_over_forward_flops', nan):.3f} | "
+          f"{ours.get('peak_rss_mib', nan):.0f} / {theirs.get('peak_rss_mib', nan):.0f} |")
+  table = '\n'.join([
+      '| model, layer | input | batch | CPU threads | drjax Grad-CAM img/s | '
+      'pytorch-grad-cam img/s | speedup | drjax forward img/s | PyTorch forward img/s | '
+      'Grad-CAM / forward FLOPs | peak RSS MiB (drjax / PyTorch) |',
+      '|---|---|---|---|---|---|---|---|---|---|---|', line])
+  payload = dict(benchmark='bench_gradcam', args=vars(args), threads=threads,
+                 machine=common.machine(), results=results, **summary, readme=table,
+                 time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+  suffix = '_quick' if args.quick else ''
+  path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)
+  print(table)
+  print(f'results: {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

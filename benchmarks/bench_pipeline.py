@@ -54,7 +54,12 @@ def main():
   parser.add_argument('--threads', default='1,4,8', help='reader thread counts to time')
   parser.add_argument('--no_augment', action='store_true')
   parser.add_argument('--out_dir', default=None)
+  parser.add_argument('--quick', action='store_true',
+                      help='64 images at 64 px, 5 timed batches of 16, 1 reader thread')
   args = parser.parse_args()
+  if args.quick:
+    args.image_size, args.num_images, args.batch_size, args.num_batches = 64, 64, 16, 5
+    args.threads = '1'
 
   cfg = pipeline.default_config()
   cfg.update(dict(dataset=args.dataset, manual_dir=args.manual_dir, data_dir=args.data_dir,
@@ -114,12 +119,13 @@ def main():
   payload = {'benchmark': 'bench_pipeline', 'dataset': args.dataset,
              'image_size': args.image_size, 'num_examples': n, 'batch_size': args.batch_size,
              'num_batches': args.num_batches, 'prepare_s': prepare_s,
+             'peak_rss_mib': common.peak_rss_mib(),
              'decode_ms_per_image_1_thread': decode_ms, 'augment_device': device, 'rows': rows,
              'machine': info, 'versions': common.versions()}
   path = common.write_json(f'bench_pipeline_{args.dataset}_{args.image_size}', payload,
                            args.out_dir)
   print('\n'.join(lines))
-  print(f'wrote {path}')
+  print(f'peak RSS {payload["peak_rss_mib"]:.0f} MiB; wrote {path}')
 
 
 if __name__ == '__main__':
