@@ -377,6 +377,16 @@ def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_gr
   assert count(kernel_grad, 'dot_general') == kernel_grad_dots
 
 
+def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
+  """The dot paths were measured on CPU only; other backends get lax's convolution."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  (height, width, channels), (k, stride, padding, features) = CONV_CASES['1x1']
+  _, conv = _lax_and_drjax_conv(stride, padding)
+  jaxpr = jax.make_jaxpr(conv)(jnp.zeros((2, height, width, channels)),
+                               jnp.zeros((k, k, channels, features)))
+  assert str(jaxpr).count(' conv_general_dilated[') == 1
+
+
 def test_conv_general_dilated_keeps_bfloat16():
   x = jnp.ones((1, 16, 16, 4), jnp.bfloat16)
   kernel = jnp.full((3, 3, 4, 2), 0.5, jnp.bfloat16)
