@@ -117,7 +117,7 @@ def main():
   if args.quick:
     args.batch, args.warmup, args.repeats = 2, 1, 2
 
-  threads = args.threads or len(os.sched_getaffinity(0))
+  threads = common.default_threads(args)
   results = {}
   for framework in args.frameworks.split(','):
     spec = dict(framework=framework, arch=args.arch, batch=args.batch,

@@ -269,7 +269,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def default_threads(args) -> int | None:
-  if args.device == 'gpu':
+  """--threads, else every core this process may use; None (no limit) on a GPU."""
+  if getattr(args, 'device', 'cpu') == 'gpu':
     return None
   if args.threads:
     return args.threads
