@@ -85,7 +85,7 @@ def _torch_worker(spec: dict) -> dict:
 
 
 def worker(spec: dict) -> dict:
-  applied = common.limit_threads(spec['threads'])
+  applied = common.prepare_process(spec)
   if spec['framework'] == 'torch':
     common.limit_torch_threads(spec['threads'])
   result = (_jax_worker if spec['framework'] == 'jax' else _torch_worker)(spec)
@@ -105,6 +105,7 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--frameworks', default='jax,torch')
+  common.add_keep_freed_memory_flag(parser)
   parser.add_argument('--quick', action='store_true', help='batch 2, 1 warm-up, 2 repeats')
   parser.add_argument('--out_dir', default=None,
                       help=f'JSON results (default {common.RESULTS_DIR})')
@@ -122,7 +123,7 @@ def main():
   for framework in args.frameworks.split(','):
     spec = dict(framework=framework, arch=args.arch, batch=args.batch,
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
-                repeats=args.repeats)
+                repeats=args.repeats, keep_freed_memory=args.keep_freed_memory)
     print(f'[bench_gradcam] {framework} {args.arch} batch {args.batch} ({threads} threads) ...',
           flush=True)
     r = common.run_worker(os.path.abspath(__file__), spec, args.timeout_s)
@@ -157,7 +158,8 @@ def main():
   payload = dict(benchmark='bench_gradcam', args=vars(args), threads=threads,
                  machine=common.machine(), results=results, **summary, readme=table,
                  time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-  suffix = '_quick' if args.quick else ''
+  suffix = ('_quick' if args.quick else '') + \
+      ('_keep_freed_memory' if args.keep_freed_memory else '')
   path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)
   print(table)
   print(f'results: {path}')

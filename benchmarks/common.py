@@ -7,7 +7,9 @@ process, so that
     (`os.sched_setaffinity`, what `taskset -c 0-(N-1)` does) before jax or torch is
     imported; XLA sizes its thread pools from that affinity, and torch gets
     `torch.set_num_threads(N)`. With N = 1 XLA's multi-threaded Eigen is also switched off
-    (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`);
+    (`--xla_cpu_multi_thread_eigen=false`);
+  * with `--keep_freed_memory`, both sides run with drjax.host.keep_freed_memory(), as
+    drjax's scripts do (glibc malloc keeps freed memory; see drjax/host.py);
   * the peak memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) belongs to that
     measurement alone, not to whatever ran before it;
   * XLA flags and caches from one measurement cannot leak into the next.
@@ -66,6 +68,25 @@ def limit_threads(threads: int | None) -> dict:
   if hasattr(os, 'sched_getaffinity'):
     applied['cpu_affinity'] = sorted(os.sched_getaffinity(0))
   applied['threads'] = threads
+  return applied
+
+
+def prepare_process(spec: dict) -> dict:
+  """A worker's process settings, before jax or torch is imported; returns what was applied.
+
+  The thread limits of `limit_threads`, and with `spec['keep_freed_memory']`
+  drjax.host.keep_freed_memory() (glibc malloc keeps freed memory for reuse), which is
+  applied to the PyTorch side too, so that a ratio compares the frameworks, not the
+  allocator settings.
+  """
+  applied = limit_threads(spec['threads'])
+  applied['keep_freed_memory'] = False
+  if spec.get('keep_freed_memory'):
+    from drjax import host
+    applied['keep_freed_memory'] = host.keep_freed_memory()
+    if not applied['keep_freed_memory']:
+      raise RuntimeError('--keep_freed_memory: drjax.host.keep_freed_memory() was not applied '
+                         '(no glibc, or DRJAX_KEEP_FREED_MEMORY=0)')
   return applied
 
 
@@ -217,12 +238,15 @@ def _f(x, spec: str) -> str:
   return 'n/a' if x is None else format(x, spec)
 
 
-def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: str) -> str:
+def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: str,
+                keep_freed_memory: bool = False) -> str:
   """Markdown table lines for the README, one per (model, batch)."""
   lines = ['| benchmark | model | batch | precision | device (threads) | drjax img/s | '
            'PyTorch img/s | ratio | peak RSS MiB (drjax / PyTorch) |',
            '|---|---|---|---|---|---|---|---|---|']
   where = f'{device} ({threads})' if threads else device
+  if keep_freed_memory:
+    where += ', freed memory kept'
   for r in rows:
     mem = f"{_f(r['jax_peak_rss_mib'], '.0f')} / {_f(r['torch_peak_rss_mib'], '.0f')}"
     if r.get('jax_peak_device_mib') or r.get('torch_peak_device_mib'):
@@ -259,6 +283,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                       help='bf16: drjax bfloat16 compute with float32 master weights vs '
                            'PyTorch autocast(bfloat16) (AMP)')
   parser.add_argument('--frameworks', default='jax,torch')
+  add_keep_freed_memory_flag(parser)
   parser.add_argument('--calls_per_repeat', type=int, default=None,
                       help='steps per timed repeat (default 1 on CPU, 10 on GPU)')
   parser.add_argument('--quick', action='store_true',
@@ -266,6 +291,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--out_dir', default=None, help=f'JSON results (default {RESULTS_DIR})')
   parser.add_argument('--timeout_s', type=float, default=1800, help='per measurement')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+
+
+def add_keep_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--keep_freed_memory', action='store_true',
+                      help='both sides run with drjax.host.keep_freed_memory() (what drjax\'s '
+                           'scripts do): glibc malloc keeps freed memory instead of unmapping it')
 
 
 def default_threads(args) -> int | None:
@@ -291,7 +322,8 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
                 trainable=freezing[m][0], frozen_bn_inference=freezing[m][1],
                 trainable_source=freezing[m][2],
                 threads=threads, warmup=args.warmup, repeats=args.repeats,
-                device=args.device, precision=args.precision,
+                keep_freed_memory=args.keep_freed_memory, device=args.device,
+                precision=args.precision,
                 channels_last=getattr(args, 'torch_channels_last', False),
                 # GPU steps take milliseconds: time several per repeat.
                 calls_per_repeat=args.calls_per_repeat or (10 if args.device == 'gpu' else 1))
@@ -310,12 +342,13 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
             f"first call {r['first_call_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB)",
             flush=True)
   rows = pair_rows(results)
-  table = readme_rows(what, rows, threads, args.device)
+  table = readme_rows(what, rows, threads, args.device, args.keep_freed_memory)
   payload = dict(benchmark=name, description=what, threads=threads, machine=machine(),
                  versions=versions(), args=vars(args), rows=rows, results=results,
                  readme=table, time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
   suffix = ('_quick' if args.quick else '') + ('' if args.device == 'cpu' else '_gpu') + \
-      ('' if args.precision == 'fp32' else f'_{args.precision}')
+      ('' if args.precision == 'fp32' else f'_{args.precision}') + \
+      ('_keep_freed_memory' if args.keep_freed_memory else '')
   path = write_json(name + suffix, payload, args.out_dir)
   print(table)
   print(f'results: {path}')

@@ -205,7 +205,7 @@ def torch_peak_device_mib(device: str) -> float | None:
 
 def worker(spec: dict, mode: str) -> dict:
   """Measures one spec in this (fresh) process; called by bench_train/bench_eval."""
-  applied = common.limit_threads(spec['threads'])
+  applied = common.prepare_process(spec)
   if spec['framework'] == 'torch':
     common.limit_torch_threads(spec['threads'])
   rss_start = common.current_rss_mib()

@@ -30,6 +30,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from drjax import host
+
+  host.keep_freed_memory()  # before jax starts; see drjax/host.py
   from drjax import cam_study
 
   path = cam_study.run_workdirs(

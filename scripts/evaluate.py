@@ -33,6 +33,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from drjax import host
+
+  host.keep_freed_memory()  # before jax starts; see drjax/host.py
   from drjax import train
 
   report = train.evaluate_run(FLAGS.workdir, split=FLAGS.split,

@@ -28,6 +28,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from drjax import host
+
+  host.keep_freed_memory()  # before jax starts; see drjax/host.py
   from drjax import cam_study, gradcam, train
 
   config, model, variables = train.load_run(FLAGS.workdir)

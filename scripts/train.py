@@ -47,7 +47,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from drjax import distributed
+  from drjax import distributed, host
+
+  host.keep_freed_memory()  # before jax starts; see drjax/host.py
 
   # Before anything touches a device.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

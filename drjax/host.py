@@ -1,0 +1,101 @@
+"""Host-process settings that make XLA:CPU runs faster.
+
+XLA:CPU allocates the buffers of a compiled program afresh on every call and frees them
+when the call returns. With glibc's default malloc, every allocation above 32 MiB, and on
+XLA's worker threads every allocation above 64 MiB, is a fresh `mmap` that is unmapped
+again on `free`. So each step faults in, and the kernel zeroes, every page of every large
+activation again. VGG16's forward pass at 224 px and batch 64 touches about 12 GB of new
+pages per call: 2.98 million page faults, 9.5 s of kernel time in a 37 s step on one
+core (the README's Benchmarks section has the measurements).
+
+`keep_freed_memory()` tells glibc to serve every allocation from one heap and to keep
+freed memory in it, so the next step reuses pages that are already mapped: the same step
+then has no page faults. The price is that the process keeps its high-water mark of host
+memory until it exits.
+
+It must run before jax starts its CPU client (the first jax computation or device
+query), because XLA's threads take their malloc arena when they start. drjax's scripts
+call it first thing; a notebook or your own script calls it before touching jax:
+
+    from drjax import host
+    host.keep_freed_memory()
+
+Set `DRJAX_KEEP_FREED_MEMORY=0` to leave malloc alone. It does nothing on a system
+without glibc (macOS, musl).
+
+This module imports neither jax nor torch, so the benchmarks can apply the same setting
+to their PyTorch side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+ENV_VAR = 'DRJAX_KEEP_FREED_MEMORY'
+
+# mallopt(3) parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+# Largest trim threshold glibc accepts (an int); the heap is never given back below it.
+_NEVER_TRIM = 2**31 - 1
+
+
+def _glibc() -> ctypes.CDLL | None:
+  if not sys.platform.startswith('linux'):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+  except OSError:
+    return None
+  # musl also has a mallopt, which ignores everything; only glibc has this symbol.
+  if not hasattr(libc, 'gnu_get_libc_version'):
+    return None
+  return libc
+
+
+def _jax_started() -> bool:
+  """True if jax has already created its backends (and with them XLA's threads)."""
+  if 'jax' not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # a jax without this private helper
+    return False
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc malloc keep and reuse freed memory (see the module docstring).
+
+  Returns:
+    True if the setting was applied; False if it was not (disabled by
+    DRJAX_KEEP_FREED_MEMORY=0, no glibc, or called after jax started, which is logged as
+    a warning because it would only half work).
+  """
+  if os.environ.get(ENV_VAR, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+    return False
+  libc = _glibc()
+  if libc is None:
+    return False
+  if _jax_started():
+    logging.warning(
+        'drjax.host.keep_freed_memory() was called after jax started its CPU client; '
+        'XLA\'s threads keep their own malloc arenas, so it is not applied. Call it '
+        'before the first jax computation.')
+    return False
+  # One arena: the main heap is the only one that can hold chunks above 64 MiB instead of
+  # mapping each of them separately. No mmap: every chunk comes from that heap. Never
+  # trim: freed memory stays mapped for the next step.
+  ok = all(libc.mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+  if ok:
+    logging.info('glibc malloc now keeps freed memory for reuse (drjax.host; set %s=0 to '
+                 'turn this off).', ENV_VAR)
+  else:
+    logging.warning('drjax.host.keep_freed_memory(): glibc refused a mallopt setting.')
+  return ok

@@ -1,0 +1,74 @@
+"""drjax.host.keep_freed_memory: measured by what it is for, page faults on reuse."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from drjax import host
+
+# Allocates, touches and frees a 256 MiB buffer twice, and prints the minor page faults
+# of the second round: with glibc's defaults the buffer is a fresh mmap each time and
+# faults in all its 65536 pages again; with freed memory kept, it faults in none.
+_PROBE = r'''
+import ctypes, resource, sys
+from drjax import host
+applied = {apply}
+if applied:
+  applied = host.keep_freed_memory()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 256 << 20
+for round_ in range(2):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(size)
+  ctypes.memset(p, 1, size)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+  libc.free(ctypes.c_void_p(p))
+print(applied, faults)
+'''
+
+glibc_only = pytest.mark.skipif(host._glibc() is None, reason='needs glibc')
+
+
+def _probe(apply: bool, **env) -> tuple[str, int]:
+  out = subprocess.run([sys.executable, '-c', _PROBE.format(apply=apply)],
+                       env=dict(os.environ, **env), capture_output=True, text=True, check=True)
+  applied, faults = out.stdout.split()
+  return applied, int(faults)
+
+
+@glibc_only
+def test_keep_freed_memory_stops_refaulting_a_reused_buffer():
+  applied, kept = _probe(True)
+  _, default = _probe(False)
+  assert applied == 'True'
+  pages = (256 << 20) // os.sysconf('SC_PAGE_SIZE')
+  assert default > pages // 2  # glibc default: the second buffer faults in again
+  assert kept < pages // 20  # kept: the freed pages are reused
+
+
+@glibc_only
+def test_keep_freed_memory_can_be_switched_off():
+  applied, faults = _probe(True, DRJAX_KEEP_FREED_MEMORY='0')
+  assert applied == 'False'
+  assert faults > (256 << 20) // os.sysconf('SC_PAGE_SIZE') // 2
+
+
+@glibc_only
+def test_keep_freed_memory_refuses_after_jax_started():
+  code = ('import jax, jax.numpy as jnp; jnp.ones(2).block_until_ready()\n'
+          'from drjax import host; print(host.keep_freed_memory())')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == 'False'
+  assert 'after jax started' in out.stderr
+
+
+def test_host_imports_no_framework():
+  code = 'import sys, drjax.host; print("jax" in sys.modules, "torch" in sys.modules)'
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.split() == ['False', 'False']
