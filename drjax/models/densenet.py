@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from drjax.models import common, layers
 
@@ -44,12 +45,17 @@ class _DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    # Same channel order as torch.cat([init, new_1, new_2, ...], 1), written into one buffer
+    # of the block's final width instead of concatenated anew by every layer.
+    width = x.shape[-1]
+    block = jnp.zeros(x.shape[:-1] + (width + self.num_layers * self.growth_rate,), x.dtype)
+    block = lax.dynamic_update_slice_in_dim(block, x, 0, axis=-1)
     for i in range(self.num_layers):
       new = _DenseLayer(self.growth_rate, self.bn_size, self.dtype,
-                        name=f'denselayer{i + 1}')(x, train)
-      # Same channel order as torch.cat([init, new_1, new_2, ...], 1).
-      x = jnp.concatenate([x, new], axis=-1)
-    return x
+                        name=f'denselayer{i + 1}')(block[..., :width], train)
+      block = lax.dynamic_update_slice_in_dim(block, new.astype(block.dtype), width, axis=-1)
+      width += self.growth_rate
+    return block
 
 
 class _Transition(nn.Module):
