@@ -145,8 +145,9 @@ def main():
       drjax_gradcam_over_own_forward=rate(ours, 'gradcam') / rate(ours, 'forward'),
       pytorch_grad_cam_over_torch_forward=rate(theirs, 'gradcam') / rate(theirs, 'forward'))
   nan = float('nan')
+  where = f'{threads}' + (', freed memory kept' if args.keep_freed_memory else '')
   line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
-          f"{threads} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
+          f"{where} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
           f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | {rate(ours, 'forward'):.2f} | "
           f"{rate(theirs, 'forward'):.2f} | {ours.get('gradcam_over_forward_flops', nan):.3f} | "
           f"{ours.get('peak_rss_mib', nan):.0f} / {theirs.get('peak_rss_mib', nan):.0f} |")
