@@ -328,6 +328,8 @@ CONV_CASES = {
     '3x3_tap_grad': ((16, 15, 6), (3, 1, 1, 5)),
     '3x3_stride2_tap_grad': ((29, 31, 4), (3, 2, 1, 5)),
     '7x7_stride2_tap_grad': ((32, 30, 3), (7, 2, 3, 4)),
+    '3x3_winograd': ((10, 9, 64), (3, 1, 1, 64)),  # odd width: a half-empty last tile
+    '3x3_winograd_wider_out': ((7, 5, 64), (3, 1, 1, 72)),
 }
 
 
@@ -342,7 +344,9 @@ def _lax_and_drjax_conv(stride, padding):
 def test_conv_general_dilated_matches_lax_values_and_gradients(case):
   (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
   x = jax.random.normal(jax.random.key(0), (2, height, width, channels))
-  kernel = jax.random.normal(jax.random.key(1), (k, k, channels, features))
+  # Scaled as He init, so outputs are O(1) at every fan-in and atol means the same.
+  kernel = jax.random.normal(jax.random.key(1), (k, k, channels, features)) / np.sqrt(
+      k * k * channels)
   reference, ours = _lax_and_drjax_conv(stride, padding)
   np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
 
@@ -359,10 +363,12 @@ def test_conv_general_dilated_matches_lax_values_and_gradients(case):
 
 @pytest.mark.parametrize('case, forward_convs, kernel_grad_dots', [
     ('1x1', 0, 2), ('3x3_small_xla_grad', 1, 0), ('3x3_tap_grad', 1, 9),
-    ('7x7_stride2_tap_grad', 1, 49)])
+    ('7x7_stride2_tap_grad', 1, 49),
+    ('3x3_winograd', 0, 32)])  # 16 forward dots (the jaxpr keeps them), 16 transposed
 def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots):
   """1x1 convolutions are dots (forward and transpose); larger kernels' weight gradients
-  one dot per tap, except below 14x14 output pixels."""
+  one dot per tap, except below 14x14 output pixels; 3x3 stride-1 convolutions with 64
+  or more channels each way are Winograd's 16 dots, forward and kernel gradient."""
   (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
   x = jnp.zeros((2, height, width, channels))
   kernel = jnp.zeros((k, k, channels, features))
@@ -387,6 +393,31 @@ def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
   assert str(jaxpr).count(' conv_general_dilated[') == 1
 
 
+@pytest.mark.parametrize('shape, dtype, takes_winograd', [
+    ((2, 8, 8, 64, 64), jnp.float32, True),
+    ((2, 8, 8, 64, 32), jnp.float32, False),  # DenseNet's 32 output channels: slower
+    ((2, 8, 8, 63, 64), jnp.float32, False),
+    ((1, 113, 112, 64, 64), jnp.float32, False),  # above 112 x 112 pixels: slower
+    ((2, 8, 8, 64, 64), jnp.bfloat16, False),
+])
+def test_winograd_only_where_measured_faster(shape, dtype, takes_winograd):
+  batch, height, width, in_channels, out_channels = shape
+  _, conv = _lax_and_drjax_conv(1, 1)
+  jaxpr = jax.make_jaxpr(conv)(jnp.zeros((batch, height, width, in_channels), dtype),
+                               jnp.zeros((3, 3, in_channels, out_channels), dtype))
+  assert (str(jaxpr).count(' dot_general[') == 16) == takes_winograd
+  assert (str(jaxpr).count(' conv_general_dilated[') == 0) == takes_winograd
+
+
+@pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (5, 4), (6, 6)])
+def test_winograd_matches_lax_at_every_tile_remainder(height, width):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 8))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 6))
+  reference, _ = _lax_and_drjax_conv(1, 1)
+  np.testing.assert_allclose(layers.winograd_conv3x3(x, kernel), reference(x, kernel),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_conv_general_dilated_keeps_bfloat16():
   x = jnp.ones((1, 16, 16, 4), jnp.bfloat16)
   kernel = jnp.full((3, 3, 4, 2), 0.5, jnp.bfloat16)
@@ -404,8 +435,9 @@ def test_parameter_gradients_match_torchvision(arch):
   """The backward pass too: every parameter's gradient of a loss, against torch autograd.
 
   At 64x96 px this runs all of conv_general_dilated's paths: 1x1 dots (ResNet's
-  downsample, stride 2), tap-dot weight gradients (VGG's and ResNet's early stages,
-  the 7x7 stride-2 stem) and XLA's own below 14x14 output pixels (late stages).
+  downsample, stride 2), Winograd 3x3 convolutions (64 channels and more, stride 1),
+  tap-dot weight gradients (ResNet's 7x7 stride-2 stem, VGG's 3-channel first
+  convolution) and XLA's own below 14x14 output pixels (ResNet's stride-2 3x3s).
   Gradients are converted to drjax's layout by the weight converter, which is
   linear (transposes and permutations), so it maps gradients as it maps weights.
   """
