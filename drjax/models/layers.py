@@ -29,6 +29,9 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 # Every convolution of the ports goes through `conv_general_dilated` below, which
 # computes the same function as `lax.conv_general_dilated` in the way XLA:CPU runs
 # fastest. Measured at 1 thread (README, "Benchmarks"):
+# - 3x3 stride-1 convolutions with 64 or more channels as Winograd F(2x2, 3x3),
+#   16 dots instead of 36 multiply-adds per channel pair (`winograd_conv3x3`,
+#   measurements there).
 # - 1x1 convolutions as dots: ResNet's took 21-53 GFLOP/s as convolution kernels
 #   and 21-81 as dots; their weight gradients, which layer4's fine-tuning computes,
 #   2-30 against 15-76. ResNet101's forward went from 4.5 to 3.7 s per batch of 16.
@@ -118,8 +121,8 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast algorithms for convolutional
-# neural networks"): each 2x2 block of outputs of a 3x3 convolution is
-# AT [(G g GT) * (BT d BT^T)] AT^T for the 4x4 input tile d around it, so the
+# neural networks"): each 2x2 block of outputs of a 3x3 convolution g is
+# A^T [(G g G^T) . (B^T d B)] A for the 4x4 input tile d around it, so the
 # 36 multiply-adds per input/output channel pair become 16, done as 16 dots
 # [pixels / 4, Cin] x [Cin, Cout]. The transforms are additions of shifted
 # slices, which XLA fuses. Measured at 1 thread, batch 16, against XLA's
@@ -163,13 +166,14 @@ def winograd_conv3x3(x, kernel, precision=None):
 
   The same function as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))`
   at any height and width (odd sizes pad the last tile), up to float32 rounding.
-  Gradients are jax's autodiff of the same slices, sums and dots.
+  Gradients are jax's autodiff of the same slices, sums and dots; what the backward
+  pass keeps is the 16 transformed tiles (4x the input) instead of the input.
   """
-  batch, height, width, in_channels = x.shape
+  batch, height, width, _ = x.shape
   tiles_h, tiles_w = -(-height // 2), -(-width // 2)
   # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
   x = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width), (0, 0)))
-  rows = [x[:, i:i + 2 * tiles_h:2] for i in range(4)]  # [B, tiles_h, W + 3, Cin]
+  rows = [x[:, i:i + 2 * tiles_h:2] for i in range(4)]  # [B, tiles_h, 2 tiles_w + 2, Cin]
   rows = [_combine(rows, bt) for bt in _WINOGRAD_BT]  # BT d
   tiles = [_combine([r[:, :, j:j + 2 * tiles_w:2] for j in range(4)], bt)  # (BT d) B
            for r in rows for bt in _WINOGRAD_BT]  # 16 x [B, tiles_h, tiles_w, Cin]
