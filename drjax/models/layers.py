@@ -136,7 +136,7 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 # keeps XLA's convolution. The cost is compile time: XLA:CPU compiles each of the
 # 16 dots as its own YNNPACK fusion (about 40 ms each), so compiling the VGG16
 # forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to 12 s. One batched
-# dot_general compiles in 30 ms but ran 1.0-1.5x slower at every size measured.
+# dot_general compiles in 30 ms but ran slower at 7 of the 8 sizes (up to 1.5x).
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
