@@ -59,15 +59,22 @@ class _DenseBlock(nn.Module):
 
 
 class _Transition(nn.Module):
-  """BN-ReLU-Conv1x1 halving the channels, then 2x2 average pooling."""
+  """BN-ReLU-Conv1x1 halving the channels, then 2x2 average pooling.
+
+  The pooling runs before the convolution: both are linear and the 1x1
+  convolution acts on each pixel alone, so avg_pool(conv(x)) == conv(avg_pool(x))
+  up to float32 rounding, and the convolution sees a quarter of the pixels.
+  (torchvision pools after; in DenseNet121's forward on one CPU core the three
+  transitions' convolutions took 49 of 470 ms at batch 4.)
+  """
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = nn.relu(layers.batch_norm(train, name='norm', dtype=self.dtype)(x))
-    x = layers.conv(self.features, 1, name='conv', dtype=self.dtype)(x)
-    return layers.avg_pool(x, 2, 2)
+    x = layers.avg_pool(x, 2, 2)
+    return layers.conv(self.features, 1, name='conv', dtype=self.dtype)(x)
 
 
 class _Features(nn.Module):
