@@ -45,12 +45,12 @@ def _jax_worker(spec: dict) -> dict:
   x = jax.device_put(x)
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
   timing_fwd = common.time_calls(lambda: forward(variables, x).block_until_ready(),
-                                 spec['warmup'], spec['repeats'])
+                                 spec['warmup'], spec['repeats'], label='forward')
   # Timed as a user calls it (the function jits its core itself); the jitted wrapper
   # is only for XLA's FLOP count.
   timing_cam = common.time_calls(
       lambda: gradcam.gradcam(model, variables, x).block_until_ready(),
-      spec['warmup'], spec['repeats'])
+      spec['warmup'], spec['repeats'], label='gradcam')
 
   def flops(fn):
     cost = fn.lower(variables, x).compile().cost_analysis()
@@ -72,15 +72,16 @@ def _torch_worker(spec: dict) -> dict:
   size = spec['image_size']
   x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
   x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  with GradCAM(model=model, target_layers=[_TORCH_LAYER[spec['arch']](model)]) as cam:
-    timing_cam = common.time_calls(lambda: cam(input_tensor=x, targets=None),
-                                   spec['warmup'], spec['repeats'])
 
   def forward():
     with torch.no_grad():
       model(x)
 
-  timing_fwd = common.time_calls(forward, spec['warmup'], spec['repeats'])
+  # In the same order as the drjax worker (lockstep pairs them by label).
+  timing_fwd = common.time_calls(forward, spec['warmup'], spec['repeats'], label='forward')
+  with GradCAM(model=model, target_layers=[_TORCH_LAYER[spec['arch']](model)]) as cam:
+    timing_cam = common.time_calls(lambda: cam(input_tensor=x, targets=None),
+                                   spec['warmup'], spec['repeats'], label='gradcam')
   return dict(gradcam=timing_cam, forward=timing_fwd)
 
 
@@ -106,6 +107,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--frameworks', default='jax,torch')
   common.add_keep_freed_memory_flag(parser)
+  common.add_interleave_flag(parser)
   parser.add_argument('--quick', action='store_true', help='batch 2, 1 warm-up, 2 repeats')
   parser.add_argument('--out_dir', default=None,
                       help=f'JSON results (default {common.RESULTS_DIR})')
@@ -119,21 +121,21 @@ def main():
     args.batch, args.warmup, args.repeats = 2, 1, 2
 
   threads = common.default_threads(args)
-  results = {}
-  for framework in args.frameworks.split(','):
-    spec = dict(framework=framework, arch=args.arch, batch=args.batch,
+  specs = [dict(framework=framework, arch=args.arch, batch=args.batch,
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
                 repeats=args.repeats, keep_freed_memory=args.keep_freed_memory)
-    print(f'[bench_gradcam] {framework} {args.arch} batch {args.batch} ({threads} threads) ...',
-          flush=True)
-    r = common.run_worker(os.path.abspath(__file__), spec, args.timeout_s)
-    results[framework] = r
+           for framework in args.frameworks.split(',')]
+  print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} ({threads} threads"
+        f"{', in lockstep' if args.interleave and len(specs) > 1 else ''}) ...", flush=True)
+  results = {}
+  for r in common.run_workers(os.path.abspath(__file__), specs, args.interleave, args.timeout_s):
+    results[r['framework']] = r
     if 'error' in r:
-      print(f"  ERROR: {r['error']}", flush=True)
+      print(f"  {r['framework']} ERROR: {r['error']}", flush=True)
     else:
-      print(f"  Grad-CAM {r['gradcam']['images_per_s']:.2f} images/s, forward "
-            f"{r['forward']['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
-            flush=True)
+      print(f"  {r['framework']}: Grad-CAM {r['gradcam']['images_per_s']:.2f} images/s, "
+            f"forward {r['forward']['images_per_s']:.2f} images/s, peak RSS "
+            f"{r['peak_rss_mib']:.0f} MiB", flush=True)
 
   ours, theirs = results.get('jax', {}), results.get('torch', {})
 

@@ -18,6 +18,16 @@ Timing: `warmup` untimed calls (the first one compiles, and its time is recorded
 separately), then `repeats` timed calls; the figure is the median. Every result records
 the machine and library versions and is written as JSON; `readme_rows` makes the README
 table lines.
+
+Lockstep (the default when both frameworks are measured, `--no-interleave` turns it off):
+the drjax and the PyTorch process of one comparison are started one after the other
+(each compiles and warms up with its cores to itself), and then take turns, one timed
+repeat at a time, in the order A B B A A B ..., the idle one blocked on its stdin. On
+these shared machines the speed of a core drifts by 25-45% over tens of seconds (a fixed
+1024x1024 matmul on an idle core: 24.7-36 ms within 40 s), so two measurements taken one
+after the other compare two moments of the machine as much as two frameworks; taking
+turns gives both the same moments. `run_lockstep` is the parent's side, `time_calls` the
+worker's.
 """
 
 from __future__ import annotations
@@ -26,11 +36,14 @@ import argparse
 import json
 import os
 import platform
+import queue
 import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -79,6 +92,8 @@ def prepare_process(spec: dict) -> dict:
   applied to the PyTorch side too, so that a ratio compares the frameworks, not the
   allocator settings.
   """
+  global _lockstep
+  _lockstep = bool(spec.get('lockstep'))
   applied = limit_threads(spec['threads'])
   applied['keep_freed_memory'] = False
   if spec.get('keep_freed_memory'):
@@ -117,16 +132,25 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+# Lockstep protocol lines (worker -> parent); the parent answers `go` or `done`.
+_READY = 'BENCH_READY'
+_TIMED = 'BENCH_TIMED'
+# Set by prepare_process: this worker's timed repeats are paced by the parent.
+_lockstep = False
+
+
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
-               calls_per_repeat: int = 1) -> dict:
+               calls_per_repeat: int = 1, label: str = 'step') -> dict:
   """Times a blocking callable.
 
   Args:
     fn: runs one step and returns only when its results are computed (block_until_ready /
       cuda synchronize inside).
     warmup: untimed calls first (>= 1: the first call compiles).
-    repeats: timed repeats.
+    repeats: timed repeats (in lockstep, the parent decides how many).
     calls_per_repeat: calls per timed repeat (for steps far below a millisecond).
+    label: what is timed; in lockstep both workers must time the same labels in the
+      same order.
 
   Returns:
     dict(first_call_s, times_s [repeats] per call, median_s, min_s).
@@ -136,14 +160,36 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
   first = time.perf_counter() - start
   for _ in range(max(0, warmup - 1)):
     fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(calls_per_repeat):
-      fn()
-    times.append((time.perf_counter() - start) / calls_per_repeat)
+  if _lockstep:
+    times = _lockstep_repeats(fn, calls_per_repeat, label)
+  else:
+    times = [_time_repeat(fn, calls_per_repeat) for _ in range(repeats)]
   return dict(first_call_s=first, times_s=times, median_s=statistics.median(times),
               min_s=min(times))
+
+
+def _time_repeat(fn: Callable[[], object], calls: int) -> float:
+  start = time.perf_counter()
+  for _ in range(calls):
+    fn()
+  return (time.perf_counter() - start) / calls
+
+
+def _lockstep_repeats(fn: Callable[[], object], calls: int, label: str) -> list[float]:
+  """One timed repeat each time the parent writes `go`, until it writes `done`."""
+  print(f'{_READY} {label}', flush=True)
+  times = []
+  for line in sys.stdin:
+    command = line.strip()
+    if command == 'done':
+      if not times:
+        raise RuntimeError(f'lockstep: no repeat of {label!r} was asked for')
+      return times
+    if command != 'go':
+      raise RuntimeError(f'lockstep: unexpected command {command!r}')
+    times.append(_time_repeat(fn, calls))
+    print(f'{_TIMED} {times[-1]!r}', flush=True)
+  raise RuntimeError('lockstep: the parent closed stdin')
 
 
 def versions() -> dict:
@@ -187,15 +233,19 @@ def emit(result: dict) -> None:
 # ------------------------------------------------------------------- the parent side
 
 
+def _worker_command(script: str, spec: dict) -> tuple[list[str], dict]:
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH', '')) if p)
+  return [sys.executable, script, '--worker', json.dumps(spec)], env
+
+
 def run_worker(script: str, spec: dict, timeout_s: float = 1800) -> dict:
   """Runs `script --worker SPEC_JSON` in a fresh process and returns its result dict.
 
   A crash or timeout becomes a result with `error` set, so one failing measurement does
   not stop a benchmark.
   """
-  cmd = [sys.executable, script, '--worker', json.dumps(spec)]
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH', '')) if p)
+  cmd, env = _worker_command(script, spec)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
                           check=False)
@@ -206,6 +256,118 @@ def run_worker(script: str, spec: dict, timeout_s: float = 1800) -> dict:
       return json.loads(line[len('BENCH_RESULT '):])
   tail = '\n'.join((proc.stdout + proc.stderr).splitlines()[-15:])
   return dict(spec, error=f'exit code {proc.returncode}: {tail}')
+
+
+class _WorkerError(Exception):
+  pass
+
+
+class _LockstepWorker:
+  """A worker process driven over its stdin and stdout (see `run_lockstep`)."""
+
+  def __init__(self, script: str, spec: dict):
+    self.name = spec.get('framework', '?')
+    cmd, env = _worker_command(script, dict(spec, lockstep=True))
+    self._stderr = tempfile.TemporaryFile(mode='w+')
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self._stderr, text=True, env=env)
+    self._lines = queue.Queue()
+    self._stdout_tail = []
+    threading.Thread(target=self._read_stdout, daemon=True).start()
+
+  def _read_stdout(self):
+    for line in self.proc.stdout:
+      self._lines.put(line)
+    self._lines.put(None)
+
+  def send(self, command: str) -> None:
+    try:
+      self.proc.stdin.write(command + '\n')
+      self.proc.stdin.flush()
+    except OSError as e:  # the worker has exited; next_event reports why
+      self._stdout_tail.append(f'(writing {command!r}: {e})')
+
+  def next_event(self, deadline: float) -> tuple[str, object]:
+    """('ready', label), ('timed', seconds) or ('result', dict), the worker's next message."""
+    while True:
+      try:
+        line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        raise _WorkerError(f'{self.name}: timed out') from None
+      if line is None:
+        raise _WorkerError(f'{self.name}: exit code {self.proc.wait()}: {self._tail()}')
+      kind, _, value = line.rstrip('\n').partition(' ')
+      if kind == _READY:
+        return 'ready', value
+      if kind == _TIMED:
+        return 'timed', float(value)
+      if kind == 'BENCH_RESULT':
+        return 'result', json.loads(value)
+      self._stdout_tail = (self._stdout_tail + [line.rstrip()])[-15:]
+
+  def expect(self, kind: str, deadline: float) -> object:
+    got, value = self.next_event(deadline)
+    if got != kind:
+      raise _WorkerError(f'{self.name}: expected {kind}, got {got} {value!r}')
+    return value
+
+  def _tail(self) -> str:
+    self._stderr.seek(0)
+    return '\n'.join((self._stdout_tail + self._stderr.read().splitlines())[-15:])
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+    self.proc.wait()
+    self._stderr.close()
+
+
+def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) -> list[dict]:
+  """Runs the workers of `specs` side by side, taking turns at every timed repeat.
+
+  The workers start one after another, each when the one before it has finished its
+  warm-up, so that no compilation shares a core with another process. Then, for each
+  `time_calls` label (the workers must time the same labels in the same order), the
+  parent asks for `repeats` timed repeats (`specs[0]['repeats']`), alternating the order
+  A B, B A, A B, ...; the worker that is not timing waits on its stdin. After a label
+  each worker in turn is let go on to its next phase. Returns the workers' results, in
+  the order of `specs`; if any worker fails or times out (`timeout_s` per spec), every
+  result is an error naming it, since a half-measured pair is no comparison.
+  """
+  deadline = time.monotonic() + timeout_s * len(specs)
+  workers = []
+  try:
+    events = []
+    for spec in specs:
+      workers.append(_LockstepWorker(script, spec))
+      events.append(workers[-1].next_event(deadline))
+    while all(kind == 'ready' for kind, _ in events):
+      labels = [label for _, label in events]
+      if len(set(labels)) != 1:
+        raise _WorkerError(f'workers out of step: they time {labels}')
+      for i in range(specs[0]['repeats']):
+        for worker in (workers if i % 2 == 0 else workers[::-1]):
+          worker.send('go')
+          worker.expect('timed', deadline)
+      for k, worker in enumerate(workers):
+        worker.send('done')
+        events[k] = worker.next_event(deadline)
+    if not all(kind == 'result' for kind, _ in events):
+      raise _WorkerError(f'workers out of step: {[value for _, value in events]}')
+    return [value for _, value in events]
+  except _WorkerError as e:
+    return [dict(spec, error=f'lockstep: {e}') for spec in specs]
+  finally:
+    for worker in workers:
+      worker.close()
+
+
+def run_workers(script: str, specs: Sequence[dict], interleave: bool,
+                timeout_s: float = 1800) -> list[dict]:
+  """`run_lockstep` for two or more specs when `interleave`, else `run_worker` for each."""
+  if interleave and len(specs) > 1:
+    return run_lockstep(script, specs, timeout_s)
+  return [run_worker(script, spec, timeout_s) for spec in specs]
 
 
 def pair_rows(results: Sequence[dict], ours: str = 'jax', theirs: str = 'torch') -> list[dict]:
@@ -284,6 +446,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                            'PyTorch autocast(bfloat16) (AMP)')
   parser.add_argument('--frameworks', default='jax,torch')
   add_keep_freed_memory_flag(parser)
+  add_interleave_flag(parser)
   parser.add_argument('--calls_per_repeat', type=int, default=None,
                       help='steps per timed repeat (default 1 on CPU, 10 on GPU)')
   parser.add_argument('--quick', action='store_true',
@@ -297,6 +460,12 @@ def add_keep_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--keep_freed_memory', action='store_true',
                       help='both sides run with drjax.host.keep_freed_memory() (what drjax\'s '
                            'scripts do): glibc malloc keeps freed memory instead of unmapping it')
+
+
+def add_interleave_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--interleave', action=argparse.BooleanOptionalAction, default=True,
+                      help='time the frameworks in lockstep, taking turns at every repeat '
+                           '(run_lockstep); --no-interleave: one after the other')
 
 
 def default_threads(args) -> int | None:
@@ -329,18 +498,22 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
                 calls_per_repeat=args.calls_per_repeat or (10 if args.device == 'gpu' else 1))
            for m in args.models.split(',') for b in args.batch_sizes.split(',')
            for fw in args.frameworks.split(',')]
-  results = []
+  groups = {}  # the frameworks of one (model, batch): one comparison
   for spec in specs:
-    print(f"[{name}] {spec['framework']} {spec['model']} batch {spec['batch_size']} "
-          f"{spec['precision']} on {spec['device']} ({threads or 'all'} threads) ...", flush=True)
-    r = run_worker(script, spec, args.timeout_s)
-    results.append(r)
-    if 'error' in r:
-      print(f"  ERROR: {r['error']}", flush=True)
-    else:
-      print(f"  {r['images_per_s']:.1f} images/s (median of {len(r['times_s'])}, "
-            f"first call {r['first_call_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB)",
-            flush=True)
+    groups.setdefault((spec['model'], spec['batch_size']), []).append(spec)
+  results = []
+  for (model, batch), group in groups.items():
+    print(f"[{name}] {' vs '.join(s['framework'] for s in group)}: {model} batch {batch} "
+          f"{args.precision} on {args.device} ({threads or 'all'} threads"
+          f"{', in lockstep' if args.interleave and len(group) > 1 else ''}) ...", flush=True)
+    for r in run_workers(script, group, args.interleave, args.timeout_s):
+      results.append(r)
+      if 'error' in r:
+        print(f"  {r['framework']} ERROR: {r['error']}", flush=True)
+      else:
+        print(f"  {r['framework']}: {r['images_per_s']:.1f} images/s (median of "
+              f"{len(r['times_s'])}, first call {r['first_call_s']:.1f} s, peak RSS "
+              f"{r['peak_rss_mib']:.0f} MiB)", flush=True)
   rows = pair_rows(results)
   table = readme_rows(what, rows, threads, args.device, args.keep_freed_memory)
   payload = dict(benchmark=name, description=what, threads=threads, machine=machine(),

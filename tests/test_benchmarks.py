@@ -1,0 +1,97 @@
+"""benchmarks/common.py's lockstep: two worker processes take turns at every timed repeat.
+
+The workers here are stand-ins that time a step recording `time.monotonic()` (one clock
+for every process), so the tests see exactly who ran when.
+"""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import common  # noqa: E402
+
+WORKER = '''
+import json, sys, time
+from benchmarks import common
+
+started = time.monotonic()
+spec = json.loads(sys.argv[2])
+common.prepare_process(spec)
+stamps = []
+
+def step():
+  stamps.append(time.monotonic())
+  if len(stamps) == 1:
+    time.sleep(WARMUP_S)  # the first call compiles
+  if len(stamps) == spec.get('exit_on_call'):
+    sys.exit(3)
+
+timings = [common.time_calls(step, warmup=1, repeats=spec['repeats'], label=label)
+           for label in spec['labels']]
+common.emit(dict(spec, started=started, stamps=stamps, timings=timings))
+'''
+WARMUP_S = 0.5
+
+
+@pytest.fixture
+def worker_script(tmp_path):
+  path = tmp_path / 'worker.py'
+  path.write_text(f'WARMUP_S = {WARMUP_S}\n' + WORKER)
+  return str(path)
+
+
+def _spec(name, labels=('forward', 'gradcam'), **kw):
+  return dict(framework=name, labels=list(labels), repeats=4, threads=None, **kw)
+
+
+def _who_ran_when(results):
+  calls = [(t, r['framework']) for r in results for t in r['stamps']]
+  return ''.join(name for _, name in sorted(calls))
+
+
+def test_lockstep_takes_turns_and_warms_up_alone(worker_script):
+  results = common.run_workers(worker_script, [_spec('A'), _spec('B')], interleave=True,
+                               timeout_s=120)
+  assert [r.get('error') for r in results] == [None, None]
+  # Per label: A's warm-up, B's warm-up (B starts once A is ready), then A B, B A, A B, B A.
+  assert _who_ran_when(results) == 'AB' + 'ABBAABBA' + 'AB' + 'ABBAABBA'
+  # B's process started after A's first (compiling) call had returned.
+  assert results[1]['started'] > results[0]['stamps'][0] + WARMUP_S
+  for r in results:
+    assert r['lockstep'] is True
+    assert [len(t['times_s']) for t in r['timings']] == [4, 4]
+
+
+def test_without_interleave_one_worker_after_the_other(worker_script):
+  results = common.run_workers(worker_script, [_spec('A'), _spec('B')], interleave=False,
+                               timeout_s=120)
+  assert _who_ran_when(results) == 'A' * 10 + 'B' * 10
+  assert 'lockstep' not in results[0]
+
+
+def test_lockstep_a_worker_that_dies_fails_the_pair(worker_script):
+  # B exits on its third call: its second timed repeat of 'forward'.
+  results = common.run_workers(worker_script, [_spec('A'), _spec('B', exit_on_call=3)],
+                               interleave=True, timeout_s=120)
+  for r in results:
+    assert 'B: exit code 3' in r['error']
+    assert 'stamps' not in r
+
+
+def test_lockstep_workers_timing_different_things_fail(worker_script):
+  results = common.run_workers(worker_script, [_spec('A'), _spec('B', labels=('train',))],
+                               interleave=True, timeout_s=120)
+  for r in results:
+    assert 'out of step' in r['error']
+    assert "'forward', 'train'" in r['error']
+
+
+def test_lockstep_times_out_instead_of_hanging(worker_script, tmp_path):
+  hang = tmp_path / 'hang.py'
+  hang.write_text('import time\ntime.sleep(600)\n')
+  results = common.run_lockstep(str(hang), [_spec('A'), _spec('B')], timeout_s=1)
+  assert all('A: timed out' in r['error'] for r in results)
