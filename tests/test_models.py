@@ -324,6 +324,8 @@ CONV_CASES = {
     # name: (input height, width, channels), (kernel, stride, padding, features)
     '1x1': ((9, 11, 6), (1, 1, 0, 5)),
     '1x1_stride2_odd': ((9, 11, 6), (1, 2, 0, 5)),
+    '1x1_widening': ((9, 11, 6), (1, 1, 0, 10)),  # kernel gradient from a transposed input
+    '1x1_widening_stride2_odd': ((9, 11, 6), (1, 2, 0, 10)),
     '3x3_small_xla_grad': ((7, 7, 6), (3, 1, 1, 5)),  # 49 output pixels < 14 x 14
     '3x3_tap_grad': ((16, 15, 6), (3, 1, 1, 5)),
     '3x3_stride2_tap_grad': ((29, 31, 4), (3, 2, 1, 5)),
@@ -361,14 +363,18 @@ def test_conv_general_dilated_matches_lax_values_and_gradients(case):
                                err_msg=f'{case}: gradient w.r.t. the {what}')
 
 
-@pytest.mark.parametrize('case, forward_convs, kernel_grad_dots', [
-    ('1x1', 0, 2), ('3x3_small_xla_grad', 1, 0), ('3x3_tap_grad', 1, 9),
-    ('7x7_stride2_tap_grad', 1, 49),
-    ('3x3_winograd', 0, 32)])  # 16 forward dots (the jaxpr keeps them), 16 transposed
-def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots):
-  """1x1 convolutions are dots (forward and transpose); larger kernels' weight gradients
-  one dot per tap, except below 14x14 output pixels; 3x3 stride-1 convolutions with 64
-  or more channels each way are Winograd's 16 dots, forward and kernel gradient."""
+@pytest.mark.parametrize('case, forward_convs, kernel_grad_dots, barriers', [
+    # 1x1: forward, input-gradient (computed by the custom VJP, unused here), kernel-gradient.
+    ('1x1', 0, 3, 0), ('1x1_widening', 0, 3, 1),
+    ('3x3_small_xla_grad', 1, 0, 0), ('3x3_tap_grad', 1, 9, 0),
+    ('7x7_stride2_tap_grad', 1, 49, 0),
+    ('3x3_winograd', 0, 32, 0)])  # 16 forward dots (the jaxpr keeps them), 16 transposed
+def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots,
+                                                  barriers):
+  """1x1 convolutions are dots (forward and transpose), a widening one's kernel gradient
+  from a transposed copy of the input (the optimization barrier); larger kernels' weight
+  gradients one dot per tap, except below 14x14 output pixels; 3x3 stride-1 convolutions
+  with 64 or more channels each way are Winograd's 16 dots, forward and kernel gradient."""
   (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
   x = jnp.zeros((2, height, width, channels))
   kernel = jnp.zeros((k, k, channels, features))
@@ -381,6 +387,7 @@ def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_gr
   assert count(forward, 'conv_general_dilated') == forward_convs
   kernel_grad = jax.make_jaxpr(jax.grad(lambda w: conv(x, w).sum()))(kernel)
   assert count(kernel_grad, 'dot_general') == kernel_grad_dots
+  assert str(kernel_grad).count('optimization_barrier') == barriers
 
 
 def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
