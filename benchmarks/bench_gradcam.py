@@ -142,22 +142,29 @@ def main():
   def rate(r, key):
     return r[key]['images_per_s'] if key in r else float('nan')
 
+  paired = common.paired_speedups(dict(ours.get('gradcam', {}), lockstep=ours.get('lockstep')),
+                                  dict(theirs.get('gradcam', {}),
+                                       lockstep=theirs.get('lockstep')))
   summary = dict(
       speedup_vs_pytorch_grad_cam=rate(ours, 'gradcam') / rate(theirs, 'gradcam'),
+      speedup_per_lockstep_pair=common.paired_summary(paired),
       drjax_gradcam_over_own_forward=rate(ours, 'gradcam') / rate(ours, 'forward'),
       pytorch_grad_cam_over_torch_forward=rate(theirs, 'gradcam') / rate(theirs, 'forward'))
   nan = float('nan')
   where = f'{threads}' + (', freed memory kept' if args.keep_freed_memory else '')
   line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
           f"{where} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
-          f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | {rate(ours, 'forward'):.2f} | "
+          f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | "
+          f"{common.paired_text(summary['speedup_per_lockstep_pair'])} | "
+          f"{rate(ours, 'forward'):.2f} | "
           f"{rate(theirs, 'forward'):.2f} | {ours.get('gradcam_over_forward_flops', nan):.3f} | "
           f"{ours.get('peak_rss_mib', nan):.0f} / {theirs.get('peak_rss_mib', nan):.0f} |")
   table = '\n'.join([
       '| model, layer | input | batch | CPU threads | drjax Grad-CAM img/s | '
-      'pytorch-grad-cam img/s | speedup | drjax forward img/s | PyTorch forward img/s | '
+      'pytorch-grad-cam img/s | speedup | per lockstep pair: median (range) | '
+      'drjax forward img/s | PyTorch forward img/s | '
       'Grad-CAM / forward FLOPs | peak RSS MiB (drjax / PyTorch) |',
-      '|---|---|---|---|---|---|---|---|---|---|---|', line])
+      '|---|---|---|---|---|---|---|---|---|---|---|---|', line])
   payload = dict(benchmark='bench_gradcam', args=vars(args), threads=threads,
                  machine=common.machine(), results=results, **summary, readme=table,
                  time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))

@@ -370,6 +370,27 @@ def run_workers(script: str, specs: Sequence[dict], interleave: bool,
   return [run_worker(script, spec, timeout_s) for spec in specs]
 
 
+def paired_speedups(ours: dict, theirs: dict) -> list[float] | None:
+  """Per-repeat speed-ups (their time / ours) of two timings taken in lockstep, sorted.
+
+  Repeat i of each side ran next to the other's repeat i, so each ratio compares the two
+  at the same moment of the machine. None unless both timings were taken in lockstep.
+  """
+  if not (ours.get('lockstep') and theirs.get('lockstep')):
+    return None
+  a, b = ours.get('times_s') or [], theirs.get('times_s') or []
+  if not a or len(a) != len(b):
+    return None
+  return sorted(y / x for x, y in zip(a, b, strict=True))
+
+
+def paired_summary(speedups: list[float] | None) -> dict:
+  if not speedups:
+    return dict(paired_ratio_median=None, paired_ratio_min=None, paired_ratio_max=None)
+  return dict(paired_ratio_median=statistics.median(speedups), paired_ratio_min=speedups[0],
+              paired_ratio_max=speedups[-1])
+
+
 def pair_rows(results: Sequence[dict], ours: str = 'jax', theirs: str = 'torch') -> list[dict]:
   """Joins jax and torch results of the same (model, batch, precision) into ratio rows."""
   keyed = {}
@@ -385,6 +406,7 @@ def pair_rows(results: Sequence[dict], ours: str = 'jax', theirs: str = 'torch')
         model=model, batch_size=batch, precision=precision,
         jax_images_per_s=ips_a, torch_images_per_s=ips_b,
         ratio=(ips_a / ips_b) if ips_a and ips_b else None,
+        **paired_summary(paired_speedups(a, b)),
         jax_peak_rss_mib=a.get('peak_rss_mib'), torch_peak_rss_mib=b.get('peak_rss_mib'),
         jax_peak_device_mib=a.get('peak_device_mib'),
         torch_peak_device_mib=b.get('peak_device_mib'),
@@ -400,12 +422,21 @@ def _f(x, spec: str) -> str:
   return 'n/a' if x is None else format(x, spec)
 
 
+def paired_text(summary: dict) -> str:
+  """'1.31x (1.21-1.42)' from `paired_summary`'s fields; 'n/a' if not in lockstep."""
+  if summary.get('paired_ratio_median') is None:
+    return 'n/a'
+  return (f"{summary['paired_ratio_median']:.2f}x ({summary['paired_ratio_min']:.2f}-"
+          f"{summary['paired_ratio_max']:.2f})")
+
+
 def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: str,
                 keep_freed_memory: bool = False) -> str:
   """Markdown table lines for the README, one per (model, batch)."""
   lines = ['| benchmark | model | batch | precision | device (threads) | drjax img/s | '
-           'PyTorch img/s | ratio | peak RSS MiB (drjax / PyTorch) |',
-           '|---|---|---|---|---|---|---|---|---|']
+           'PyTorch img/s | ratio | per lockstep pair: median (range) | '
+           'peak RSS MiB (drjax / PyTorch) |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   where = f'{device} ({threads})' if threads else device
   if keep_freed_memory:
     where += ', freed memory kept'
@@ -416,7 +447,8 @@ def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: st
               f"{_f(r['torch_peak_device_mib'], '.0f')})")
     lines.append(f"| {what} | {r['model']} | {r['batch_size']} | {r['precision']} | {where} | "
                  f"{_f(r['jax_images_per_s'], '.3g')} | {_f(r['torch_images_per_s'], '.3g')} | "
-                 f"{_f(r['ratio'], '.2f')}x | {mem} |"
+                 f"{_f(r['ratio'], '.2f')}{'' if r['ratio'] is None else 'x'} | "
+                 f"{paired_text(r)} | {mem} |"
                  + (' NOT THE SAME TRAINABLE PARAMETERS |' if r.get('same_trainable') is False
                     else ''))
   return '\n'.join(lines)

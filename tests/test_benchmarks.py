@@ -95,3 +95,19 @@ def test_lockstep_times_out_instead_of_hanging(worker_script, tmp_path):
   hang.write_text('import time\ntime.sleep(600)\n')
   results = common.run_lockstep(str(hang), [_spec('A'), _spec('B')], timeout_s=1)
   assert all('A: timed out' in r['error'] for r in results)
+
+
+def test_paired_speedups_only_for_timings_taken_in_lockstep():
+  ours = dict(lockstep=True, times_s=[1.0, 2.0, 4.0])
+  theirs = dict(lockstep=True, times_s=[3.0, 2.0, 6.0])
+  assert common.paired_speedups(ours, theirs) == [1.0, 1.5, 3.0]
+  assert common.paired_speedups(dict(ours, lockstep=False), theirs) is None
+  assert common.paired_speedups(ours, dict(theirs, times_s=[1.0])) is None
+  rows = common.pair_rows([
+      dict(ours, framework='jax', model='m', batch_size=2, images_per_s=1.0),
+      dict(theirs, framework='torch', model='m', batch_size=2, images_per_s=0.5)])
+  assert (rows[0]['ratio'], rows[0]['paired_ratio_median']) == (2.0, 1.5)
+  assert '| 2.00x | 1.50x (1.00-3.00) |' in common.readme_rows('train', rows, 1, 'cpu')
+  alone = common.pair_rows([dict(ours, framework='jax', model='m', batch_size=2,
+                                 images_per_s=1.0)])
+  assert '| n/a | n/a |' in common.readme_rows('train', alone, 1, 'cpu')
