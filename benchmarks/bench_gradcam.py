@@ -5,7 +5,8 @@
   python benchmarks/bench_gradcam.py --quick                                # batch 2, 2 repeats
 
 Each side runs in its own fresh process with the same thread limits as bench_train.py and
-bench_eval.py (benchmarks/common.py: pinned cores, one XLA/OpenMP thread per core):
+bench_eval.py (benchmarks/common.py: pinned cores, one XLA/OpenMP thread per core), the two
+timed in lockstep, forward first, then Grad-CAM (`--no-interleave`: one after the other):
 - drjax: `drjax.gradcam.gradcam(model, variables, images)` on the model's default CAM
   layer, called as a user calls it, and the jitted forward pass alone; XLA's FLOP count
   of Grad-CAM relative to the forward.

@@ -53,6 +53,12 @@ if REPO not in sys.path:
 
 RESULTS_DIR = os.path.join(REPO, 'benchmarks', 'results')
 
+# Lockstep protocol lines (worker -> parent); the parent answers `go` or `done`.
+_READY = 'BENCH_READY'
+_TIMED = 'BENCH_TIMED'
+# Set by prepare_process: this worker's timed repeats are paced by the parent.
+_lockstep = False
+
 
 # ------------------------------------------------------------------- inside a worker
 
@@ -130,13 +136,6 @@ def peak_rss_mib() -> float:
   """Peak resident set size of this process so far, MiB (ru_maxrss is KiB on Linux)."""
   scale = 1 if sys.platform == 'darwin' else 1024
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-# Lockstep protocol lines (worker -> parent); the parent answers `go` or `done`.
-_READY = 'BENCH_READY'
-_TIMED = 'BENCH_TIMED'
-# Set by prepare_process: this worker's timed repeats are paced by the parent.
-_lockstep = False
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
