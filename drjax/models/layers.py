@@ -108,7 +108,7 @@ def _pointwise_conv_bwd(precision, residuals, dy):
   dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
   x2 = x.reshape(-1, x.shape[-1])
   dy2 = dy.reshape(-1, dy.shape[-1])
-  if jax.default_backend() == 'cpu' and kernel.shape[1] > kernel.shape[0]:
+  if kernel.shape[1] > kernel.shape[0]:
     dkernel = lax.dot_general(lax.optimization_barrier(x2.T), dy2, (((1,), (0,)), ((), ())),
                               precision=precision)
   else:
