@@ -127,25 +127,21 @@ def main():
                 repeats=args.repeats, keep_freed_memory=args.keep_freed_memory)
            for framework in args.frameworks.split(',')]
   print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} ({threads} threads"
-        f"{', in lockstep' if args.interleave and len(specs) > 1 else ''}) ...", flush=True)
+        f"{', in lockstep' if common.in_lockstep(specs, args.interleave) else ''}) ...",
+        flush=True)
   results = {}
   for r in common.run_workers(os.path.abspath(__file__), specs, args.interleave, args.timeout_s):
     results[r['framework']] = r
-    if 'error' in r:
-      print(f"  {r['framework']} ERROR: {r['error']}", flush=True)
-    else:
-      print(f"  {r['framework']}: Grad-CAM {r['gradcam']['images_per_s']:.2f} images/s, "
-            f"forward {r['forward']['images_per_s']:.2f} images/s, peak RSS "
-            f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+    common.print_result(r, lambda r: f"Grad-CAM {r['gradcam']['images_per_s']:.2f} images/s, "
+                                     f"forward {r['forward']['images_per_s']:.2f} images/s, "
+                                     f"peak RSS {r['peak_rss_mib']:.0f} MiB")
 
   ours, theirs = results.get('jax', {}), results.get('torch', {})
 
   def rate(r, key):
     return r[key]['images_per_s'] if key in r else float('nan')
 
-  paired = common.paired_speedups(dict(ours.get('gradcam', {}), lockstep=ours.get('lockstep')),
-                                  dict(theirs.get('gradcam', {}),
-                                       lockstep=theirs.get('lockstep')))
+  paired = common.paired_speedups(ours, theirs, 'gradcam')
   summary = dict(
       speedup_vs_pytorch_grad_cam=rate(ours, 'gradcam') / rate(theirs, 'gradcam'),
       speedup_per_lockstep_pair=common.paired_summary(paired),

@@ -53,6 +53,8 @@ if REPO not in sys.path:
 
 RESULTS_DIR = os.path.join(REPO, 'benchmarks', 'results')
 
+# A worker's last stdout line: its result as JSON (`emit`).
+_RESULT = 'BENCH_RESULT'
 # Lockstep protocol lines (worker -> parent); the parent answers `go` or `done`.
 _READY = 'BENCH_READY'
 _TIMED = 'BENCH_TIMED'
@@ -226,7 +228,7 @@ def machine() -> dict:
 
 def emit(result: dict) -> None:
   """A worker's last stdout line: its result as JSON (the parent parses it)."""
-  print('BENCH_RESULT ' + json.dumps(result), flush=True)
+  print(f'{_RESULT} {json.dumps(result)}', flush=True)
 
 
 # ------------------------------------------------------------------- the parent side
@@ -251,8 +253,9 @@ def run_worker(script: str, spec: dict, timeout_s: float = 1800) -> dict:
   except subprocess.TimeoutExpired:
     return dict(spec, error=f'timed out after {timeout_s} s')
   for line in reversed(proc.stdout.splitlines()):
-    if line.startswith('BENCH_RESULT '):
-      return json.loads(line[len('BENCH_RESULT '):])
+    kind, _, value = line.partition(' ')
+    if kind == _RESULT:
+      return json.loads(value)
   tail = '\n'.join((proc.stdout + proc.stderr).splitlines()[-15:])
   return dict(spec, error=f'exit code {proc.returncode}: {tail}')
 
@@ -300,7 +303,7 @@ class _LockstepWorker:
         return 'ready', value
       if kind == _TIMED:
         return 'timed', float(value)
-      if kind == 'BENCH_RESULT':
+      if kind == _RESULT:
         return 'result', json.loads(value)
       self._stdout_tail = (self._stdout_tail + [line.rstrip()])[-15:]
 
@@ -361,22 +364,38 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
       worker.close()
 
 
+def in_lockstep(specs: Sequence[dict], interleave: bool) -> bool:
+  return interleave and len(specs) > 1
+
+
 def run_workers(script: str, specs: Sequence[dict], interleave: bool,
                 timeout_s: float = 1800) -> list[dict]:
   """`run_lockstep` for two or more specs when `interleave`, else `run_worker` for each."""
-  if interleave and len(specs) > 1:
+  if in_lockstep(specs, interleave):
     return run_lockstep(script, specs, timeout_s)
   return [run_worker(script, spec, timeout_s) for spec in specs]
 
 
-def paired_speedups(ours: dict, theirs: dict) -> list[float] | None:
-  """Per-repeat speed-ups (their time / ours) of two timings taken in lockstep, sorted.
+def print_result(result: dict, describe: Callable[[dict], str]) -> None:
+  """One progress line per worker result: its error, or `describe(result)`."""
+  if 'error' in result:
+    print(f"  {result['framework']} ERROR: {result['error']}", flush=True)
+  else:
+    print(f"  {result['framework']}: {describe(result)}", flush=True)
+
+
+def paired_speedups(ours: dict, theirs: dict, timing: str | None = None) -> list[float] | None:
+  """Per-repeat speed-ups (their time / ours) of two results timed in lockstep, sorted.
 
   Repeat i of each side ran next to the other's repeat i, so each ratio compares the two
-  at the same moment of the machine. None unless both timings were taken in lockstep.
+  at the same moment of the machine. `timing` names a sub-timing of the results (e.g.
+  bench_gradcam's 'gradcam'); None: the results' own `times_s`. None unless both were
+  timed in lockstep.
   """
   if not (ours.get('lockstep') and theirs.get('lockstep')):
     return None
+  if timing is not None:
+    ours, theirs = ours.get(timing, {}), theirs.get(timing, {})
   a, b = ours.get('times_s') or [], theirs.get('times_s') or []
   if not a or len(a) != len(b):
     return None
@@ -536,15 +555,12 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
   for (model, batch), group in groups.items():
     print(f"[{name}] {' vs '.join(s['framework'] for s in group)}: {model} batch {batch} "
           f"{args.precision} on {args.device} ({threads or 'all'} threads"
-          f"{', in lockstep' if args.interleave and len(group) > 1 else ''}) ...", flush=True)
+          f"{', in lockstep' if in_lockstep(group, args.interleave) else ''}) ...", flush=True)
     for r in run_workers(script, group, args.interleave, args.timeout_s):
       results.append(r)
-      if 'error' in r:
-        print(f"  {r['framework']} ERROR: {r['error']}", flush=True)
-      else:
-        print(f"  {r['framework']}: {r['images_per_s']:.1f} images/s (median of "
-              f"{len(r['times_s'])}, first call {r['first_call_s']:.1f} s, peak RSS "
-              f"{r['peak_rss_mib']:.0f} MiB)", flush=True)
+      print_result(r, lambda r: f"{r['images_per_s']:.1f} images/s (median of "
+                                f"{len(r['times_s'])}, first call {r['first_call_s']:.1f} s, "
+                                f"peak RSS {r['peak_rss_mib']:.0f} MiB)")
   rows = pair_rows(results)
   table = readme_rows(what, rows, threads, args.device, args.keep_freed_memory)
   payload = dict(benchmark=name, description=what, threads=threads, machine=machine(),
