@@ -324,7 +324,7 @@ CONV_CASES = {
     # name: (input height, width, channels), (kernel, stride, padding, features)
     '1x1': ((9, 11, 6), (1, 1, 0, 5)),
     '1x1_stride2_odd': ((9, 11, 6), (1, 2, 0, 5)),
-    '1x1_widening': ((9, 11, 6), (1, 1, 0, 10)),  # kernel gradient from a transposed input
+    '1x1_widening': ((9, 11, 6), (1, 1, 0, 10)),
     '1x1_widening_stride2_odd': ((9, 11, 6), (1, 2, 0, 10)),
     '3x3_small_xla_grad': ((7, 7, 6), (3, 1, 1, 5)),  # 49 output pixels < 14 x 14
     '3x3_tap_grad': ((16, 15, 6), (3, 1, 1, 5)),
@@ -365,14 +365,15 @@ def test_conv_general_dilated_matches_lax_values_and_gradients(case):
 
 @pytest.mark.parametrize('case, forward_convs, kernel_grad_dots, barriers', [
     # 1x1: forward, input-gradient (computed by the custom VJP, unused here), kernel-gradient.
-    ('1x1', 0, 3, 0), ('1x1_widening', 0, 3, 1),
+    ('1x1', 0, 3, 1), ('1x1_widening', 0, 3, 1),
     ('3x3_small_xla_grad', 1, 0, 0), ('3x3_tap_grad', 1, 9, 0),
     ('7x7_stride2_tap_grad', 1, 49, 0),
-    ('3x3_winograd', 0, 32, 0)])  # 16 forward dots (the jaxpr keeps them), 16 transposed
+    # 16 tile dots, each a 1x1 convolution: 3 dots and a barrier apiece, as '1x1'.
+    ('3x3_winograd', 0, 48, 16)])
 def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots,
                                                   barriers):
-  """1x1 convolutions are dots (forward and transpose), a widening one's kernel gradient
-  from a transposed copy of the input (the optimization barrier); larger kernels' weight
+  """1x1 convolutions are dots (forward and transpose), their kernel gradient from a
+  transposed copy of the input (the optimization barrier); larger kernels' weight
   gradients one dot per tap, except below 14x14 output pixels; 3x3 stride-1 convolutions
   with 64 or more channels each way are Winograd's 16 dots, forward and kernel gradient."""
   (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]

@@ -35,8 +35,9 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 # - 1x1 convolutions as dots: ResNet's took 21-53 GFLOP/s as convolution kernels
 #   and 21-81 as dots; their weight gradients, which layer4's fine-tuning computes,
 #   2-30 against 15-76. ResNet101's forward went from 4.5 to 3.7 s per batch of 16.
-#   A widening one's (Cout > Cin) kernel gradient is taken from a transposed copy of its
-#   input (`_pointwise_conv_bwd`): ResNet101's train step, 4-7% faster at batch 16 and 64.
+#   Their kernel gradient is taken from a transposed copy of the input
+#   (`_pointwise_conv_bwd`): ResNet101's train step, 4-7% faster at batch 16 and 64 for
+#   the widening ones, 5% more at batch 64 for the rest and Winograd's tile dots.
 # - The weight gradient of a larger kernel as one dot per kernel tap (the tap's
 #   shifted input against the output gradient, summed over batch and pixels).
 #   XLA's own weight-gradient convolution slows down as the image grows: VGG16's
@@ -92,27 +93,23 @@ def _pointwise_conv_fwd(x, kernel, precision):
 
 
 def _pointwise_conv_bwd(precision, residuals, dy):
-  """Autodiff's gradients, except that a widening convolution's (Cout > Cin) kernel
-  gradient is taken from a transposed copy of its (narrower) input.
+  """Autodiff's gradients, except that the kernel gradient is taken from a transposed
+  copy of the input.
 
   The kernel gradient contracts the pixels, the leading axis of both `x` and `dy`.
   XLA:CPU's fast (YNNPACK) dot wants its left operand's contracted axis last, so for
-  autodiff's form XLA transposes `dy` and runs its own, slower dot. When Cout > Cin,
-  transposing `x` instead (kept as a copy by the barrier, which XLA's simplifier would
-  otherwise fold back into the dot) moves fewer bytes and gives YNNPACK the dot: for
-  ResNet101's layer4 at batch 64 (3136 pixels) on one core, 512 -> 2048 took 100-122
-  against 186 ms, 1024 -> 2048 209 against 331 ms. Where Cout <= Cin autodiff's form was
-  as fast or faster (2048 -> 512: 141 against 167 ms), so it is kept there.
+  autodiff's form XLA transposes an operand and runs its own, slower dot. Transposing
+  `x` (kept as a copy by the barrier, which XLA's simplifier would otherwise fold back
+  into the dot) gives YNNPACK the dot. One core, medians of 9 interleaved calls:
+  [pixels, Cin] -> Cout of 3136, 512 -> 2048 (ResNet101's layer4 at batch 64) 100-122
+  against 186 ms; 3136, 2048 -> 512 111 against 131 ms; 12544, 1024 -> 512 217 against
+  262 ms; 1024, 512 -> 512 (a Winograd tile dot of layer4) 7.4 against 10.4 ms.
   """
   x, kernel = residuals
   dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
-  x2 = x.reshape(-1, x.shape[-1])
-  dy2 = dy.reshape(-1, dy.shape[-1])
-  if kernel.shape[1] > kernel.shape[0]:
-    dkernel = lax.dot_general(lax.optimization_barrier(x2.T), dy2, (((1,), (0,)), ((), ())),
-                              precision=precision)
-  else:
-    dkernel = lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), precision=precision)
+  x_t = lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+  dkernel = lax.dot_general(x_t, dy.reshape(-1, dy.shape[-1]), (((1,), (0,)), ((), ())),
+                            precision=precision)
   return dx, dkernel.astype(kernel.dtype)
 
 
@@ -222,7 +219,9 @@ def winograd_conv3x3(x, kernel, precision=None):
            for r in rows for bt in _WINOGRAD_BT]  # 16 x [B, tiles_h, tiles_w, Cin]
   kernel_rows = [_combine(list(kernel), g) for g in _WINOGRAD_G]  # G k
   kernels = [_combine(list(k), g) for k in kernel_rows for g in _WINOGRAD_G]  # (G k) GT
-  products = [lax.dot_general(t, k, (((3,), (0,)), ((), ())), precision=precision)
+  # Each product is a 1x1 convolution of the tiles, so it takes `_pointwise_conv`'s
+  # kernel gradient.
+  products = [_pointwise_conv(t, k, precision)
               for t, k in zip(tiles, kernels, strict=True)]  # 16 x [B, tiles_h, tiles_w, Cout]
   products = [products[4 * i:4 * i + 4] for i in range(4)]
   out_rows = [[_combine([p[j] for p in products], at) for j in range(4)]
