@@ -329,6 +329,7 @@ CONV_CASES = {
     '3x3_small_xla_grad': ((7, 7, 6), (3, 1, 1, 5)),  # 49 output pixels < 14 x 14
     '3x3_tap_grad': ((16, 15, 6), (3, 1, 1, 5)),
     '3x3_stride2_tap_grad': ((29, 31, 4), (3, 2, 1, 5)),
+    '3x3_stride2_tap_sum': ((14, 13, 6), (3, 2, 1, 5)),  # 7 x 7 output pixels < 14 x 14
     '7x7_stride2_tap_grad': ((32, 30, 3), (7, 2, 3, 4)),
     '3x3_winograd': ((10, 9, 64), (3, 1, 1, 64)),  # odd width: a half-empty last tile
     '3x3_winograd_wider_out': ((7, 5, 64), (3, 1, 1, 72)),
@@ -368,13 +369,15 @@ def test_conv_general_dilated_matches_lax_values_and_gradients(case):
     ('1x1', 0, 3, 1), ('1x1_widening', 0, 3, 1),
     ('3x3_small_xla_grad', 1, 0, 0), ('3x3_tap_grad', 1, 9, 0),
     ('7x7_stride2_tap_grad', 1, 49, 0),
+    ('3x3_stride2_tap_sum', 0, 27, 9),  # 9 taps, each a 1x1 convolution as '1x1'
     # 16 tile dots, each a 1x1 convolution: 3 dots and a barrier apiece, as '1x1'.
     ('3x3_winograd', 0, 48, 16)])
 def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots,
                                                   barriers):
   """1x1 convolutions are dots (forward and transpose), their kernel gradient from a
   transposed copy of the input (the optimization barrier); larger kernels' weight
-  gradients one dot per tap, except below 14x14 output pixels; 3x3 stride-1 convolutions
+  gradients one dot per tap, except below 14x14 output pixels, where a strided one is a
+  sum of 1x1 convolutions, one per tap; 3x3 stride-1 convolutions
   with 64 or more channels each way are Winograd's 16 dots, forward and kernel gradient."""
   (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
   x = jnp.zeros((2, height, width, channels))
@@ -442,10 +445,12 @@ def test_conv_general_dilated_keeps_bfloat16():
 def test_parameter_gradients_match_torchvision(arch):
   """The backward pass too: every parameter's gradient of a loss, against torch autograd.
 
-  At 64x96 px this runs all of conv_general_dilated's paths: 1x1 dots (ResNet's
+  At 64x96 px this runs conv_general_dilated's paths but one: 1x1 dots (ResNet's
   downsample, stride 2), Winograd 3x3 convolutions (64 channels and more, stride 1),
   tap-dot weight gradients (ResNet's 7x7 stride-2 stem, VGG's 3-channel first
-  convolution) and XLA's own below 14x14 output pixels (ResNet's stride-2 3x3s).
+  convolution) and tap sums below 14x14 output pixels (ResNet's stride-2 3x3s). XLA's
+  own convolution (stride 1, under 64 channels, below 14x14 output pixels: DenseNet's
+  7x7 layers) is held to lax's by the tests above.
   Gradients are converted to drjax's layout by the weight converter, which is
   linear (transposes and permutations), so it maps gradients as it maps weights.
   """

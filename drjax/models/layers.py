@@ -44,6 +44,13 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 #   trainable 3x3 convolutions at 14x14 took 635 ms each (23 GFLOP/s) and take
 #   9 dots of 20 ms (84 GFLOP/s). Below 14x14 output pixels XLA's is as fast or
 #   faster (60 against 10-32 GFLOP/s for DenseNet's 7x7 layers), so it is kept.
+# - A strided convolution with fewer than 14x14 output pixels (ResNet's layer4 3x3,
+#   14x14 -> 7x7) as the sum over kernel taps of 1x1 convolutions of the tap's shifted
+#   input (`_tap_sum_conv`), gradients by autodiff: XLA's convolution ran it at about
+#   30 GFLOP/s. Forward 215 against 312 ms, forward and both gradients 564 against
+#   640 ms at batch 64 (83 -> 54 and 177 -> 148 ms at batch 16). At 14x14 and 28x28
+#   outputs (layer2's and layer3's) the forward was no faster, and for DenseNet's
+#   stride-1 7x7 layers (128 -> 32) 1.5-2.3x slower, so those keep XLA's.
 # The values are the same sums in another order; tests hold them to
 # `lax.conv_general_dilated`'s and the parity tests to torchvision's.
 
@@ -79,7 +86,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if strides != (1, 1):
       lhs = lhs[:, ::strides[0], ::strides[1], :]
     return _pointwise_conv(lhs, rhs[0, 0], precision)
+  if strides != (1, 1) and _output_pixels(lhs, rhs, strides, padding) < _MIN_TAP_DOT_PIXELS:
+    return _tap_sum_conv(lhs, rhs, strides, padding, precision)
   return _conv_tap_grad(lhs, rhs, strides, padding, precision)
+
+
+def _output_hw(x, kernel, strides, padding) -> tuple[int, int]:
+  return tuple((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s
+               in zip(x.shape[1:3], padding, kernel.shape[:2], strides, strict=True))
+
+
+def _output_pixels(x, kernel, strides, padding) -> int:
+  out_h, out_w = _output_hw(x, kernel, strides, padding)
+  return out_h * out_w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -123,6 +142,17 @@ def _tap_input(x_padded, tap, out_hw, strides):
   return lax.slice(x_padded, (0, i, j, 0),
                    (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
                    (1, sh, sw, 1))
+
+
+def _tap_sum_conv(x, kernel, strides, padding, precision):
+  """NHWC convolution as the sum over kernel taps (i, j) of `x_padded`'s pixels that the
+  tap meets, 1x1-convolved with `kernel[i, j]` (see above)."""
+  x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  out_hw = _output_hw(x, kernel, strides, padding)
+  kernel_h, kernel_w = kernel.shape[:2]
+  taps = [_pointwise_conv(_tap_input(x_padded, (i, j), out_hw, strides), kernel[i, j], precision)
+          for i in range(kernel_h) for j in range(kernel_w)]
+  return functools.reduce(jnp.add, taps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
