@@ -429,6 +429,18 @@ def test_winograd_matches_lax_at_every_tile_remainder(height, width):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('shape, stride, dtype, takes_tap_sum', [
+    ((2, 14, 13, 6), 2, jnp.float32, True),  # 7 x 7 output pixels
+    ((2, 28, 28, 6), 2, jnp.float32, False),  # 14 x 14 output pixels: XLA's was as fast
+    ((2, 7, 7, 6), 1, jnp.float32, False),  # stride 1: XLA's was faster
+    ((2, 14, 13, 6), 2, jnp.bfloat16, False),  # nine partial sums rounded to bfloat16
+])
+def test_tap_sum_only_where_measured_faster(shape, stride, dtype, takes_tap_sum):
+  _, conv = _lax_and_drjax_conv(stride, 1)
+  jaxpr = jax.make_jaxpr(conv)(jnp.zeros(shape, dtype), jnp.zeros((3, 3, shape[3], 5), dtype))
+  assert (str(jaxpr).count(' conv_general_dilated[') == 0) == takes_tap_sum
+
+
 def test_conv_general_dilated_keeps_bfloat16():
   x = jnp.ones((1, 16, 16, 4), jnp.bfloat16)
   kernel = jnp.full((3, 3, 4, 2), 0.5, jnp.bfloat16)

@@ -50,7 +50,9 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 #   30 GFLOP/s. Forward 215 against 312 ms, forward and both gradients 564 against
 #   640 ms at batch 64 (83 -> 54 and 177 -> 148 ms at batch 16). At 14x14 and 28x28
 #   outputs (layer2's and layer3's) the forward was no faster, and for DenseNet's
-#   stride-1 7x7 layers (128 -> 32) 1.5-2.3x slower, so those keep XLA's.
+#   stride-1 7x7 layers (128 -> 32) 1.5-2.3x slower, so those keep XLA's. Measured in
+#   float32 only; bfloat16 keeps XLA's convolution (its nine partial sums would each
+#   be rounded to bfloat16).
 # The values are the same sums in another order; tests hold them to
 # `lax.conv_general_dilated`'s and the parity tests to torchvision's.
 
@@ -86,7 +88,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if strides != (1, 1):
       lhs = lhs[:, ::strides[0], ::strides[1], :]
     return _pointwise_conv(lhs, rhs[0, 0], precision)
-  if strides != (1, 1) and _output_pixels(lhs, rhs, strides, padding) < _MIN_TAP_DOT_PIXELS:
+  if _takes_tap_sum(lhs, rhs, strides, padding):
     return _tap_sum_conv(lhs, rhs, strides, padding, precision)
   return _conv_tap_grad(lhs, rhs, strides, padding, precision)
 
@@ -96,9 +98,10 @@ def _output_hw(x, kernel, strides, padding) -> tuple[int, int]:
                in zip(x.shape[1:3], padding, kernel.shape[:2], strides, strict=True))
 
 
-def _output_pixels(x, kernel, strides, padding) -> int:
+def _takes_tap_sum(x, kernel, strides, padding) -> bool:
   out_h, out_w = _output_hw(x, kernel, strides, padding)
-  return out_h * out_w
+  return (strides != (1, 1) and out_h * out_w < _MIN_TAP_DOT_PIXELS
+          and x.dtype == kernel.dtype == jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -119,10 +122,10 @@ def _pointwise_conv_bwd(precision, residuals, dy):
   XLA:CPU's fast (YNNPACK) dot wants its left operand's contracted axis last, so for
   autodiff's form XLA transposes an operand and runs its own, slower dot. Transposing
   `x` (kept as a copy by the barrier, which XLA's simplifier would otherwise fold back
-  into the dot) gives YNNPACK the dot. One core, medians of 9 interleaved calls:
-  [pixels, Cin] -> Cout of 3136, 512 -> 2048 (ResNet101's layer4 at batch 64) 100-122
-  against 186 ms; 3136, 2048 -> 512 111 against 131 ms; 12544, 1024 -> 512 217 against
-  262 ms; 1024, 512 -> 512 (a Winograd tile dot of layer4) 7.4 against 10.4 ms.
+  into the dot) gives YNNPACK the dot. One core, [pixels, Cin] -> Cout: 3136, 512 -> 2048
+  (ResNet101's layer4 at batch 64) 100-122 against 186 ms in alternating probes; medians
+  of 9 interleaved calls, 3136, 2048 -> 512 111 against 131 ms, 12544, 1024 -> 512 217
+  against 262 ms, 1024, 512 -> 512 (a Winograd tile dot of layer4) 7.4 against 10.4 ms.
   """
   x, kernel = residuals
   dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
