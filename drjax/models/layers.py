@@ -93,13 +93,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return _conv_tap_grad(lhs, rhs, strides, padding, precision)
 
 
-def _output_hw(x, kernel, strides, padding) -> tuple[int, int]:
+def _output_hw(x, kernel_hw, strides, padding) -> tuple[int, int]:
   return tuple((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s
-               in zip(x.shape[1:3], padding, kernel.shape[:2], strides, strict=True))
+               in zip(x.shape[1:3], padding, kernel_hw, strides, strict=True))
 
 
 def _takes_tap_sum(x, kernel, strides, padding) -> bool:
-  out_h, out_w = _output_hw(x, kernel, strides, padding)
+  out_h, out_w = _output_hw(x, kernel.shape[:2], strides, padding)
   return (strides != (1, 1) and out_h * out_w < _MIN_TAP_DOT_PIXELS
           and x.dtype == kernel.dtype == jnp.float32)
 
@@ -138,24 +138,25 @@ def _pointwise_conv_bwd(precision, residuals, dy):
 _pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 
 
-def _tap_input(x_padded, tap, out_hw, strides):
-  """The input pixels kernel tap (i, j) meets: x_padded[:, i + s*r, j + s*c, :]."""
-  (i, j), (out_h, out_w), (sh, sw) = tap, out_hw, strides
+def _tap_inputs(x, kernel_hw, strides, padding) -> list:
+  """For each kernel tap (i, j), row-major, the input pixels it meets:
+  x_padded[:, i + s*r, j + s*c, :] over the output pixels (r, c)."""
+  x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  (out_h, out_w), (sh, sw) = _output_hw(x, kernel_hw, strides, padding), strides
   batch, _, _, channels = x_padded.shape
-  return lax.slice(x_padded, (0, i, j, 0),
-                   (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
-                   (1, sh, sw, 1))
+  return [lax.slice(x_padded, (0, i, j, 0),
+                    (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
+                    (1, sh, sw, 1))
+          for i in range(kernel_hw[0]) for j in range(kernel_hw[1])]
 
 
 def _tap_sum_conv(x, kernel, strides, padding, precision):
-  """NHWC convolution as the sum over kernel taps (i, j) of `x_padded`'s pixels that the
-  tap meets, 1x1-convolved with `kernel[i, j]` (see above)."""
-  x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  out_hw = _output_hw(x, kernel, strides, padding)
-  kernel_h, kernel_w = kernel.shape[:2]
-  taps = [_pointwise_conv(_tap_input(x_padded, (i, j), out_hw, strides), kernel[i, j], precision)
-          for i in range(kernel_h) for j in range(kernel_w)]
-  return functools.reduce(jnp.add, taps)
+  """NHWC convolution as the sum over kernel taps (i, j) of the input pixels the tap
+  meets, 1x1-convolved with `kernel[i, j]` (see above)."""
+  taps = _tap_inputs(x, kernel.shape[:2], strides, padding)
+  kernels = kernel.reshape(-1, *kernel.shape[2:])  # row-major taps, as _tap_inputs
+  return functools.reduce(jnp.add, [_pointwise_conv(t, k, precision)
+                                    for t, k in zip(taps, kernels, strict=True)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -177,12 +178,9 @@ def _conv_tap_grad_bwd(strides, padding, precision, residuals, dy):
   if out_hw[0] * out_hw[1] < _MIN_TAP_DOT_PIXELS:
     return jax.vjp(conv, x, kernel)[1](dy)
   (dx,) = jax.vjp(lambda x: conv(x, kernel), x)[1](dy)
-  x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  kernel_h, kernel_w = kernel.shape[:2]
-  taps = [lax.dot_general(_tap_input(x_padded, (i, j), out_hw, strides), dy,
-                          (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
+  taps = [lax.dot_general(tap, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
                           preferred_element_type=jnp.float32)
-          for i in range(kernel_h) for j in range(kernel_w)]
+          for tap in _tap_inputs(x, kernel.shape[:2], strides, padding)]
   dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dkernel
 
