@@ -364,21 +364,21 @@ def test_conv_general_dilated_matches_lax_values_and_gradients(case):
                                err_msg=f'{case}: gradient w.r.t. the {what}')
 
 
-@pytest.mark.parametrize('case, forward_convs, kernel_grad_dots, barriers', [
+@pytest.mark.parametrize('case, forward_convs, kernel_grad_dots, transposes', [
     # 1x1: forward, input-gradient (computed by the custom VJP, unused here), kernel-gradient.
     ('1x1', 0, 3, 1), ('1x1_widening', 0, 3, 1),
     ('3x3_small_xla_grad', 1, 0, 0), ('3x3_tap_grad', 1, 9, 0),
     ('7x7_stride2_tap_grad', 1, 49, 0),
     ('3x3_stride2_tap_sum', 0, 27, 9),  # 9 taps, each a 1x1 convolution as '1x1'
-    # 16 tile dots, each a 1x1 convolution: 3 dots and a barrier apiece, as '1x1'.
+    # 16 tile dots, each a 1x1 convolution: 3 dots and a transposed copy apiece, as '1x1'.
     ('3x3_winograd', 0, 48, 16)])
 def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_grad_dots,
-                                                  barriers):
+                                                  transposes):
   """1x1 convolutions are dots (forward and transpose), their kernel gradient from a
-  transposed copy of the input (the optimization barrier); larger kernels' weight
-  gradients one dot per tap, except below 14x14 output pixels, where a strided one is a
-  sum of 1x1 convolutions, one per tap; 3x3 stride-1 convolutions
-  with 64 or more channels each way are Winograd's 16 dots, forward and kernel gradient."""
+  transposed copy of the input (in a conditional); larger kernels' weight gradients one
+  dot per tap, except below 14x14 output pixels, where a strided one is a sum of 1x1
+  convolutions, one per tap; 3x3 stride-1 convolutions with 64 or more channels each
+  way are Winograd's 16 dots, forward and kernel gradient."""
   (height, width, channels), (k, stride, padding, features) = CONV_CASES[case]
   x = jnp.zeros((2, height, width, channels))
   kernel = jnp.zeros((k, k, channels, features))
@@ -391,7 +391,25 @@ def test_conv_general_dilated_takes_the_dot_paths(case, forward_convs, kernel_gr
   assert count(forward, 'conv_general_dilated') == forward_convs
   kernel_grad = jax.make_jaxpr(jax.grad(lambda w: conv(x, w).sum()))(kernel)
   assert count(kernel_grad, 'dot_general') == kernel_grad_dots
-  assert str(kernel_grad).count('optimization_barrier') == barriers
+  assert count(kernel_grad, 'cond') == transposes
+
+
+def test_pointwise_kernel_gradient_transposes_the_input_not_its_producers():
+  """XLA:CPU must keep the conditional around the transposed copy of a 1x1
+  convolution's input: without it, XLA fuses the input's producers (here an affine
+  and a ReLU) into the copy, which then recomputes them reading in transposed order."""
+  _, conv = _lax_and_drjax_conv(1, 0)
+
+  def loss(kernel, x, scale):
+    return jnp.sum(jnp.sin(conv(jnp.maximum(x * scale, 0.0), kernel)))
+
+  x, scale, kernel = jnp.ones((2, 7, 7, 16)), jnp.ones((16,)), jnp.ones((1, 1, 16, 8))
+  hlo = jax.jit(jax.grad(loss)).lower(kernel, x, scale).compile().as_text()
+  assert hlo.count(' conditional(') == 1
+  computations = hlo.split('\n\n')
+  transposing = [c for c in computations if ' transpose(' in c or '{0,1}' in c]
+  assert transposing
+  assert not [c for c in transposing if ' maximum(' in c], 'the ReLU went into a transpose'
 
 
 def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
