@@ -122,10 +122,11 @@ def _pointwise_conv_bwd(precision, residuals, dy):
   XLA:CPU's fast (YNNPACK) dot wants its left operand's contracted axis last, so for
   autodiff's form XLA transposes an operand and runs its own, slower dot. Transposing
   `x` (`_materialised_transpose`, which also keeps XLA's simplifier from folding the
-  transpose back into the dot) gives YNNPACK the dot. One core, [pixels, Cin] -> Cout: 3136, 512 -> 2048
-  (ResNet101's layer4 at batch 64) 100-122 against 186 ms in alternating probes; medians
-  of 9 interleaved calls, 3136, 2048 -> 512 111 against 131 ms, 12544, 1024 -> 512 217
-  against 262 ms, 1024, 512 -> 512 (a Winograd tile dot of layer4) 7.4 against 10.4 ms.
+  transpose back into the dot) gives YNNPACK the dot. One core, [pixels, Cin] -> Cout:
+  3136, 512 -> 2048 (ResNet101's layer4 at batch 64) 100-122 against 186 ms in
+  alternating probes; medians of 9 interleaved calls, 3136, 2048 -> 512 111 against
+  131 ms, 12544, 1024 -> 512 217 against 262 ms, 1024, 512 -> 512 (a Winograd tile dot
+  of layer4) 7.4 against 10.4 ms.
   """
   x, kernel = residuals
   dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
