@@ -81,6 +81,29 @@ def test_core_matches_a_direct_grad(toy):
   chex.assert_trees_all_close(out['logits'], _logits(model, variables, images), atol=1e-5)
 
 
+def test_core_equals_a_vmapped_per_image_grad(toy):
+  """Grad-CAM as the paper defines it per image, `jax.grad` w.r.t. one image's stage
+  activations, vmapped over the batch: the core's batched vjp gives the same values."""
+  model, variables, images = toy
+  layer = 'stage1'
+  out = gradcam.activations_and_grads(model, variables, images, layer=layer)
+  _, perts = model.apply(variables, images[:1], train=False, mutable=['perturbations'])
+
+  def per_image(image):
+    def score(p):
+      logits, state = model.apply({**variables, 'perturbations': {**perts['perturbations'],
+                                                                   layer: p}},
+                                  image[None], train=False, mutable=['intermediates'])
+      return logits[0].max(), state['intermediates'][layer][0][0]
+
+    return jax.grad(score, has_aux=True)(perts['perturbations'][layer])
+
+  grads, acts = jax.vmap(per_image)(images)
+  chex.assert_trees_all_close(out['acts'][layer], acts, atol=1e-6)
+  chex.assert_trees_all_close(out['grads'][layer], grads[:, 0], atol=1e-6)
+  assert float(jnp.abs(grads).max()) > 0
+
+
 def test_gradcam_equals_cam_for_a_gap_linear_head(toy):
   # With global average pooling and a linear head, d y_c / d A_k(i,j) = W_kc / (h w)
   # everywhere, so Grad-CAM and HiResCAM reduce to CAM (Zhou et al. 2016) / (h w).
