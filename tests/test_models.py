@@ -407,6 +407,7 @@ def test_pointwise_kernel_gradient_transposes_the_input_not_its_producers():
   hlo = jax.jit(jax.grad(loss)).lower(kernel, x, scale).compile().as_text()
   assert hlo.count(' conditional(') == 1
   computations = hlo.split('\n\n')
+  # XLA writes a 2-D transpose as `transpose(` or as a bitcast/copy to layout {0,1}.
   transposing = [c for c in computations if ' transpose(' in c or '{0,1}' in c]
   assert transposing
   assert not [c for c in transposing if ' maximum(' in c], 'the ReLU went into a transpose'
