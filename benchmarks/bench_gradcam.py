@@ -6,7 +6,9 @@
 
 Each side runs in its own fresh process with the same thread limits as bench_train.py and
 bench_eval.py (benchmarks/common.py: pinned cores, one XLA/OpenMP thread per core), the two
-timed in lockstep, forward first, then Grad-CAM (`--no-interleave`: one after the other):
+timed in lockstep (`--no-interleave`: one after the other). Each repeat times the forward
+and Grad-CAM once each (in alternating order), so Grad-CAM over the own forward is paired
+per repeat as well as Grad-CAM against Grad-CAM:
 - drjax: `drjax.gradcam.gradcam(model, variables, images)` on the model's default CAM
   layer, called as a user calls it, and the jitted forward pass alone; XLA's FLOP count
   of Grad-CAM relative to the forward.
@@ -19,6 +21,7 @@ benchmarks/results/bench_gradcam_<arch>.json and prints the README table line.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -45,13 +48,12 @@ def _jax_worker(spec: dict) -> dict:
   variables = jax.jit(lambda z: model.init(jax.random.key(0), z, train=False))(x[:1])
   x = jax.device_put(x)
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
-  timing_fwd = common.time_calls(lambda: forward(variables, x).block_until_ready(),
-                                 spec['warmup'], spec['repeats'], label='forward')
-  # Timed as a user calls it (the function jits its core itself); the jitted wrapper
-  # is only for XLA's FLOP count.
-  timing_cam = common.time_calls(
-      lambda: gradcam.gradcam(model, variables, x).block_until_ready(),
-      spec['warmup'], spec['repeats'], label='gradcam')
+  # Grad-CAM timed as a user calls it (the function jits its core itself); the jitted
+  # wrapper below is only for XLA's FLOP count.
+  timings = common.time_calls_together(
+      {'forward': lambda: forward(variables, x).block_until_ready(),
+       'gradcam': lambda: gradcam.gradcam(model, variables, x).block_until_ready()},
+      spec['warmup'], spec['repeats'], label='forward+gradcam')
 
   def flops(fn):
     cost = fn.lower(variables, x).compile().cost_analysis()
@@ -59,7 +61,7 @@ def _jax_worker(spec: dict) -> dict:
     return float(cost.get('flops', float('nan')))
 
   cam_fn = jax.jit(lambda v, z: gradcam.gradcam(model, v, z))
-  return dict(layer=model.default_cam_layer, gradcam=timing_cam, forward=timing_fwd,
+  return dict(layer=model.default_cam_layer, **timings,
               gradcam_over_forward_flops=flops(cam_fn) / flops(forward))
 
 
@@ -74,16 +76,17 @@ def _torch_worker(spec: dict) -> dict:
   x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
   x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
+  plain = copy.deepcopy(model)  # the forward without GradCAM's hooks
+
   def forward():
     with torch.no_grad():
-      model(x)
+      plain(x)
 
-  # In the same order as the drjax worker (lockstep pairs them by label).
-  timing_fwd = common.time_calls(forward, spec['warmup'], spec['repeats'], label='forward')
   with GradCAM(model=model, target_layers=[_TORCH_LAYER[spec['arch']](model)]) as cam:
-    timing_cam = common.time_calls(lambda: cam(input_tensor=x, targets=None),
-                                   spec['warmup'], spec['repeats'], label='gradcam')
-  return dict(gradcam=timing_cam, forward=timing_fwd)
+    # As the drjax worker (lockstep pairs the workers by label and repeat).
+    return common.time_calls_together(
+        {'forward': forward, 'gradcam': lambda: cam(input_tensor=x, targets=None)},
+        spec['warmup'], spec['repeats'], label='forward+gradcam')
 
 
 def worker(spec: dict) -> dict:
@@ -142,10 +145,13 @@ def main():
     return r[key]['images_per_s'] if key in r else float('nan')
 
   paired = common.paired_speedups(ours, theirs, 'gradcam')
+  own = ours.get('forward', {}).get('times_s'), ours.get('gradcam', {}).get('times_s')
+  own_paired = sorted(f / g for f, g in zip(*own, strict=True)) if all(own) else None
   summary = dict(
       speedup_vs_pytorch_grad_cam=rate(ours, 'gradcam') / rate(theirs, 'gradcam'),
       speedup_per_lockstep_pair=common.paired_summary(paired),
       drjax_gradcam_over_own_forward=rate(ours, 'gradcam') / rate(ours, 'forward'),
+      drjax_gradcam_over_own_forward_per_repeat=common.paired_summary(own_paired),
       pytorch_grad_cam_over_torch_forward=rate(theirs, 'gradcam') / rate(theirs, 'forward'))
   nan = float('nan')
   where = f'{threads}' + (', freed memory kept' if args.keep_freed_memory else '')
@@ -169,6 +175,8 @@ def main():
       ('_keep_freed_memory' if args.keep_freed_memory else '')
   path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)
   print(table)
+  print(f"drjax Grad-CAM / own forward: {summary['drjax_gradcam_over_own_forward']:.2f}x, per "
+        f"repeat {common.paired_text(summary['drjax_gradcam_over_own_forward_per_repeat'])}")
   print(f'results: {path}')
 
 

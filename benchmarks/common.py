@@ -169,6 +169,41 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
               min_s=min(times))
 
 
+def time_calls_together(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                        label: str) -> dict[str, dict]:
+  """Times several blocking callables in the same repeats, so that their ratios pair up.
+
+  Each callable is warmed up as `time_calls` does; then every repeat calls each of them
+  once, in the given order on even repeats and reversed on odd ones, so that repeat i of
+  each ran at the same moment of the machine. In lockstep, a repeat (all of them) is one
+  turn of the worker.
+
+  Returns:
+    {name: dict(first_call_s, times_s, median_s, min_s)}, as `time_calls` per callable.
+  """
+  firsts = {}
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    fn()
+    firsts[name] = time.perf_counter() - start
+    for _ in range(max(0, warmup - 1)):
+      fn()
+  times = {name: [] for name in fns}
+
+  def one_repeat():
+    items = list(fns.items())
+    for name, fn in items if len(times[items[0][0]]) % 2 == 0 else reversed(items):
+      times[name].append(_time_repeat(fn, 1))
+
+  if _lockstep:
+    _lockstep_repeats(one_repeat, 1, label)
+  else:
+    for _ in range(repeats):
+      one_repeat()
+  return {name: dict(first_call_s=firsts[name], times_s=t, median_s=statistics.median(t),
+                     min_s=min(t)) for name, t in times.items()}
+
+
 def _time_repeat(fn: Callable[[], object], calls: int) -> float:
   start = time.perf_counter()
   for _ in range(calls):

@@ -23,16 +23,22 @@ spec = json.loads(sys.argv[2])
 common.prepare_process(spec)
 stamps = []
 
-def step():
+def step(name=''):
   stamps.append(time.monotonic())
+  names.append(name)
   if len(stamps) == 1:
     time.sleep(WARMUP_S)  # the first call compiles
   if len(stamps) == spec.get('exit_on_call'):
     sys.exit(3)
 
-timings = [common.time_calls(step, warmup=1, repeats=spec['repeats'], label=label)
-           for label in spec['labels']]
-common.emit(dict(spec, started=started, stamps=stamps, timings=timings))
+names = []
+if spec.get('together'):
+  timings = common.time_calls_together({'f': lambda: step('f'), 'g': lambda: step('g')},
+                                       warmup=1, repeats=spec['repeats'], label='f+g')
+else:
+  timings = [common.time_calls(step, warmup=1, repeats=spec['repeats'], label=label)
+             for label in spec['labels']]
+common.emit(dict(spec, started=started, stamps=stamps, names=names, timings=timings))
 '''
 WARMUP_S = 0.5
 
@@ -64,6 +70,29 @@ def test_lockstep_takes_turns_and_warms_up_alone(worker_script):
   for r in results:
     assert r['lockstep'] is True
     assert [len(t['times_s']) for t in r['timings']] == [4, 4]
+
+
+def test_calls_timed_together_alternate_within_each_lockstep_turn(worker_script):
+  """`time_calls_together`: each turn of a worker runs every callable once, in the
+  given order on even repeats and reversed on odd ones; the turns alternate as above."""
+  specs = [_spec('A', together=True), _spec('B', together=True)]
+  results = common.run_workers(worker_script, specs, interleave=True, timeout_s=120)
+  assert [r.get('error') for r in results] == [None, None]
+  assert _who_ran_when(results) == 'AABB' + 'AABBBBAAAABBBBAA'
+  for r in results:
+    assert ''.join(r['names']) == 'fg' + 'fggffggf'  # warm-ups, then 4 repeats
+    assert sorted(r['timings']) == ['f', 'g']
+    assert all(len(t['times_s']) == 4 for t in r['timings'].values())
+
+
+def test_calls_timed_together_without_lockstep():
+  calls = []
+  timings = common.time_calls_together({'f': lambda: calls.append('f'),
+                                        'g': lambda: calls.append('g')},
+                                       warmup=2, repeats=3, label='f+g')
+  assert ''.join(calls) == 'ffgg' + 'fggffg'
+  assert {name: len(t['times_s']) for name, t in timings.items()} == {'f': 3, 'g': 3}
+  assert timings['f']['median_s'] >= timings['f']['min_s'] >= 0
 
 
 def test_without_interleave_one_worker_after_the_other(worker_script):
