@@ -132,7 +132,7 @@ def test_paired_speedups_only_for_timings_taken_in_lockstep():
   assert common.paired_speedups(ours, theirs) == [1.0, 1.5, 3.0]
   assert common.paired_speedups(dict(ours, lockstep=False), theirs) is None
   assert common.paired_speedups(ours, dict(theirs, times_s=[1.0])) is None
-  # bench_gradcam's results hold one timing per label.
+  # bench_gradcam's results hold one timing per timed callable.
   assert common.paired_speedups(dict(lockstep=True, gradcam=ours),
                                 dict(lockstep=True, gradcam=theirs), 'gradcam') == [1.0, 1.5, 3.0]
   rows = common.pair_rows([
