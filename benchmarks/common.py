@@ -156,27 +156,17 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
   Returns:
     dict(first_call_s, times_s [repeats] per call, median_s, min_s).
   """
-  start = time.perf_counter()
-  fn()
-  first = time.perf_counter() - start
-  for _ in range(max(0, warmup - 1)):
-    fn()
-  if _lockstep:
-    times = _lockstep_repeats(fn, calls_per_repeat, label)
-  else:
-    times = [_time_repeat(fn, calls_per_repeat) for _ in range(repeats)]
-  return dict(first_call_s=first, times_s=times, median_s=statistics.median(times),
-              min_s=min(times))
+  return time_calls_together({label: fn}, warmup, repeats, label, calls_per_repeat)[label]
 
 
 def time_calls_together(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
-                        label: str) -> dict[str, dict]:
+                        label: str, calls_per_repeat: int = 1) -> dict[str, dict]:
   """Times several blocking callables in the same repeats, so that their ratios pair up.
 
-  Each callable is warmed up as `time_calls` does; then every repeat calls each of them
-  once, in the given order on even repeats and reversed on odd ones, so that repeat i of
-  each ran at the same moment of the machine. In lockstep, a repeat (all of them) is one
-  turn of the worker.
+  Arguments as `time_calls`. Each callable is warmed up in turn; then every repeat times
+  each of them, in the given order on even repeats and reversed on odd ones, so that
+  repeat i of each ran at the same moment of the machine. In lockstep, a repeat (all of
+  them) is one turn of the worker.
 
   Returns:
     {name: dict(first_call_s, times_s, median_s, min_s)}, as `time_calls` per callable.
@@ -189,14 +179,14 @@ def time_calls_together(fns: dict[str, Callable[[], object]], warmup: int, repea
     for _ in range(max(0, warmup - 1)):
       fn()
   times = {name: [] for name in fns}
+  items = list(fns.items())
 
   def one_repeat():
-    items = list(fns.items())
     for name, fn in items if len(times[items[0][0]]) % 2 == 0 else reversed(items):
-      times[name].append(_time_repeat(fn, 1))
+      times[name].append(_time_repeat(fn, calls_per_repeat))
 
   if _lockstep:
-    _lockstep_repeats(one_repeat, 1, label)
+    _lockstep_repeats(one_repeat, label)
   else:
     for _ in range(repeats):
       one_repeat()
@@ -211,20 +201,21 @@ def _time_repeat(fn: Callable[[], object], calls: int) -> float:
   return (time.perf_counter() - start) / calls
 
 
-def _lockstep_repeats(fn: Callable[[], object], calls: int, label: str) -> list[float]:
-  """One timed repeat each time the parent writes `go`, until it writes `done`."""
+def _lockstep_repeats(one_repeat: Callable[[], object], label: str) -> None:
+  """Runs one repeat each time the parent writes `go`, until it writes `done`."""
   print(f'{_READY} {label}', flush=True)
-  times = []
+  done = 0
   for line in sys.stdin:
     command = line.strip()
     if command == 'done':
-      if not times:
+      if not done:
         raise RuntimeError(f'lockstep: no repeat of {label!r} was asked for')
-      return times
+      return
     if command != 'go':
       raise RuntimeError(f'lockstep: unexpected command {command!r}')
-    times.append(_time_repeat(fn, calls))
-    print(f'{_TIMED} {times[-1]!r}', flush=True)
+    seconds = _time_repeat(one_repeat, 1)
+    done += 1
+    print(f'{_TIMED} {seconds!r}', flush=True)
   raise RuntimeError('lockstep: the parent closed stdin')
 
 
