@@ -99,3 +99,16 @@ def keep_freed_memory() -> bool:
   else:
     logging.warning('drjax.host.keep_freed_memory(): glibc refused a mallopt setting.')
   return ok
+
+
+def xla_cpu_threads() -> int:
+  """How many threads XLA:CPU spreads a program's work over in this process.
+
+  XLA's CPU client sizes its thread pool to the cores the process may run on (its CPU
+  affinity, as `taskset` or `os.sched_setaffinity` set it); YNNPACK's dots use that
+  pool whatever `--xla_cpu_multi_thread_eigen` says. A dot of [12544, 224] x [224, 128]
+  took 8.7 ms on one core and 5.3 ms on two, with or without that flag.
+  """
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1

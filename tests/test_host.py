@@ -72,3 +72,14 @@ def test_host_imports_no_framework():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        check=True)
   assert out.stdout.split() == ['False', 'False']
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='needs CPU affinity (Linux)')
+def test_xla_cpu_threads_follows_the_cpu_affinity():
+  """One thread when pinned to one core (as the benchmarks' `--threads 1` pins)."""
+  first = min(os.sched_getaffinity(0))
+  probe = ('import os; from drjax import host; a = host.xla_cpu_threads(); '
+           f'os.sched_setaffinity(0, {{{first}}}); print(a, host.xla_cpu_threads())')
+  out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.split() == [str(len(os.sched_getaffinity(0))), '1']

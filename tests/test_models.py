@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drjax import models, weights
+from drjax import host, models, weights
 from drjax.models import densenet, layers, resnet, vgg
 
 torch = pytest.importorskip('torch')
@@ -423,14 +423,24 @@ def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
   assert str(jaxpr).count(' conv_general_dilated[') == 1
 
 
-@pytest.mark.parametrize('shape, dtype, takes_winograd', [
-    ((2, 8, 8, 64, 64), jnp.float32, True),
-    ((2, 8, 8, 64, 32), jnp.float32, False),  # DenseNet's 32 output channels: slower
-    ((2, 8, 8, 63, 64), jnp.float32, False),
-    ((1, 113, 112, 64, 64), jnp.float32, False),  # above 112 x 112 pixels: slower
-    ((2, 8, 8, 64, 64), jnp.bfloat16, False),
+@pytest.mark.parametrize('shape, dtype, threads, takes_winograd', [
+    ((2, 8, 8, 64, 64), jnp.float32, 1, True),
+    ((2, 8, 8, 64, 64), jnp.float32, 2, True),
+    ((2, 8, 8, 63, 64), jnp.float32, 2, False),
+    ((1, 113, 112, 64, 64), jnp.float32, 2, False),  # above 112 x 112 pixels: slower
+    ((2, 8, 8, 64, 64), jnp.bfloat16, 2, False),
+    # DenseNet's 128 -> 32: on one thread XLA's convolution is faster; with more, Winograd's
+    # dots (which use every thread) from 14 x 14 pixels up.
+    ((2, 14, 14, 128, 32), jnp.float32, 1, False),
+    ((2, 14, 14, 128, 32), jnp.float32, 2, True),
+    ((2, 56, 56, 128, 32), jnp.float32, 2, True),
+    ((2, 13, 14, 128, 32), jnp.float32, 2, False),
+    ((2, 14, 14, 128, 31), jnp.float32, 2, False),
+    ((2, 14, 14, 63, 32), jnp.float32, 2, False),
 ])
-def test_winograd_only_where_measured_faster(shape, dtype, takes_winograd):
+def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, threads,
+                                             takes_winograd):
+  monkeypatch.setattr(host, 'xla_cpu_threads', lambda: threads)
   batch, height, width, in_channels, out_channels = shape
   _, conv = _lax_and_drjax_conv(1, 1)
   jaxpr = jax.make_jaxpr(conv)(jnp.zeros((batch, height, width, in_channels), dtype),

@@ -15,6 +15,8 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from drjax import host
+
 Dtype = Any
 
 # He et al. 2015, "Delving deep into rectifiers", as torch.nn.init.kaiming_normal_.
@@ -31,7 +33,8 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 # fastest. Measured at 1 thread (README, "Benchmarks"):
 # - 3x3 stride-1 convolutions with 64 or more channels as Winograd F(2x2, 3x3),
 #   16 dots instead of 36 multiply-adds per channel pair (`winograd_conv3x3`,
-#   measurements there).
+#   measurements there); with more than one thread also DenseNet's 128 -> 32
+#   (`_takes_winograd`: XLA:CPU runs a YNNPACK convolution on one thread only).
 # - 1x1 convolutions as dots: ResNet's took 21-53 GFLOP/s as convolution kernels
 #   and 21-81 as dots; their weight gradients, which layer4's fine-tuning computes,
 #   2-30 against 15-76. ResNet101's forward went from 4.5 to 3.7 s per batch of 16.
@@ -216,27 +219,45 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 # at 28x28x512, 2.3x at 14x14x512, 1.2x at 56x56x64, 2.0x at 14x14x256, 2.3x at
 # 7x7x512; forward plus both gradients (jax's autodiff of the same ops) 1.7-1.8x
 # at 14-28 px and 1.2x at 7x7x512. Not taken where it was slower: 224x224x64
-# (0.93x; its 4x larger transformed input is 820 MB at batch 16) and DenseNet's
-# 128 -> 32 channels (0.5-0.9x: too few output channels for the dots to pay for
-# the transforms). Relative error against lax is about 2e-6 in float32; bfloat16
-# keeps XLA's convolution. The cost is compile time: XLA:CPU compiles each of the
-# 16 dots as its own YNNPACK fusion (about 40 ms each), so compiling the VGG16
-# forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to 12 s. One batched
+# (0.93x; its 4x larger transformed input is 820 MB at batch 16) and, on one
+# thread, DenseNet's 128 -> 32 channels (0.5-0.9x: too few output channels for
+# the dots to pay for the transforms). Relative error against lax is about 2e-6
+# in float32; bfloat16 keeps XLA's convolution. The cost is compile time: XLA:CPU
+# compiles each of the 16 dots as its own YNNPACK fusion (about 40 ms each), so
+# compiling the VGG16 forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to
+# 12 s. One batched
 # dot_general compiles in 30 ms but ran slower at 7 of the 8 sizes (up to 1.5x).
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_MAX_PIXELS = 112 * 112
+# DenseNet's 128 -> 32 convolutions, with more than one thread (see below).
+_WINOGRAD_THREADED_MIN_OUT_CHANNELS = 32
+_WINOGRAD_THREADED_MIN_PIXELS = 14 * 14
 
 
 def _takes_winograd(x, kernel, strides, padding) -> bool:
+  """Where Winograd was measured faster than XLA's convolution.
+
+  With more than one thread (`host.xla_cpu_threads`) that includes 64 or more input
+  channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU runs a YNNPACK
+  convolution on one thread, while the tile dots use every core. Two cores, DenseNet121's
+  forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms (medians of 5 calls). On one
+  core the same rule made it 10-15% slower (1238 -> 1348-1371 ms at batch 16), so there
+  it is not taken.
+  """
   kernel_h, kernel_w, in_channels, out_channels = kernel.shape
-  return ((kernel_h, kernel_w) == (3, 3) and strides == (1, 1)
+  pixels = x.shape[1] * x.shape[2]
+  if not ((kernel_h, kernel_w) == (3, 3) and strides == (1, 1)
           and padding == ((1, 1), (1, 1))
           and x.dtype == kernel.dtype == jnp.float32
-          and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS
-          and x.shape[1] * x.shape[2] <= _WINOGRAD_MAX_PIXELS)
+          and in_channels >= _WINOGRAD_MIN_CHANNELS and pixels <= _WINOGRAD_MAX_PIXELS):
+    return False
+  if out_channels >= _WINOGRAD_MIN_CHANNELS:
+    return True
+  return (out_channels >= _WINOGRAD_THREADED_MIN_OUT_CHANNELS
+          and pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1)
 
 
 def _combine(parts, coefficients):
