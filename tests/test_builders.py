@@ -111,6 +111,42 @@ def test_synthetic_parallel_build_matches_in_process(synthetic_builder, tmp_path
     np.testing.assert_array_equal(a[k]['image'], b[k]['image'])
 
 
+_PREPARE_AFTER_READY = r'''
+import sys
+from drjax.data import builders
+print('ready', flush=True)
+b = builders.prepare('synthetic_fundus', data_dir=sys.argv[1], num_workers=1, num_images=3,
+                     image_size=32, num_test_images=1)
+print(b.is_prepared())
+'''
+
+
+def test_concurrent_prepare_waits_for_the_build_in_progress(tmp_path):
+  """A second process preparing the same config while another builds it waits for the
+  build, then uses it: no second build, no FileExistsError from tfds' final rename."""
+  options = dict(num_workers=1, num_images=3, image_size=32, num_test_images=1)
+  builder = builders.make_builder('synthetic_fundus', str(tmp_path), **options)
+  with builders.build_lock(builder):  # this process is "building"
+    proc = subprocess.Popen([sys.executable, '-c', _PREPARE_AFTER_READY, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'ready'
+    try:
+      proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+      pass
+    assert proc.poll() is None, proc.stderr.read()  # blocked on the lock
+    config_dir = pathlib.Path(builder.data_path).parent
+    assert not list(config_dir.glob('incomplete.*'))  # and not building alongside
+    builder.download_and_prepare(file_format='array_record')
+    info = pathlib.Path(builder.data_path) / 'dataset_info.json'
+    built_at = info.stat().st_mtime_ns
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert out.split() == ['True']
+  assert info.stat().st_mtime_ns == built_at  # used, not rebuilt
+  assert len(_records(builders.make_builder('synthetic_fundus', str(tmp_path), **options))) == 3
+
+
 # --- real IDRiD layout ----------------------------------------------------------------------
 
 

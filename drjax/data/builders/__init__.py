@@ -8,7 +8,10 @@ its options (e.g. 'eyepacs/size512_btgraham'), so `prepare` never mixes differen
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -16,8 +19,8 @@ import tensorflow_datasets as tfds
 from drjax.data.builders import aptos2019, eyepacs, idrid, synthetic_fundus
 from drjax.data.builders.common import GRADE_NAMES, LESION_TYPES, NoUsableDataError
 
-__all__ = ['BUILDERS', 'GRADE_NAMES', 'LESION_TYPES', 'NoUsableDataError', 'default_data_dir',
-           'make_builder', 'prepare']
+__all__ = ['BUILDERS', 'GRADE_NAMES', 'LESION_TYPES', 'NoUsableDataError', 'build_lock',
+           'default_data_dir', 'make_builder', 'prepare']
 
 # name -> (builder class, config factory taking the dataset's options as keywords).
 BUILDERS = {
@@ -76,5 +79,27 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   download_config = tfds.download.DownloadConfig(
       manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
       try_download_gcs=False)
-  builder.download_and_prepare(download_config=download_config, file_format='array_record')
+  with build_lock(builder):
+    # Another process may have built it while this one waited for the lock.
+    builder = make_builder(name, data_dir, num_workers, **options)
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=download_config, file_format='array_record')
   return builder
+
+
+@contextlib.contextmanager
+def build_lock(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+  """Holds an exclusive lock on `<data_dir>/<dataset>/<config>.lock` (POSIX `flock`).
+
+  Two processes building the same config at once (a sweep's parallel runs on a fresh
+  machine) each write the dataset, and the second one's final rename fails with tfds'
+  FileExistsError. With the lock the second waits, then finds the dataset built.
+  """
+  config_dir = os.path.dirname(os.fspath(builder.data_path).rstrip(os.sep))
+  os.makedirs(os.path.dirname(config_dir), exist_ok=True)
+  with open(config_dir + '.lock', 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
