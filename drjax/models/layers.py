@@ -34,7 +34,7 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 # - 3x3 stride-1 convolutions with 64 or more channels as Winograd F(2x2, 3x3),
 #   16 dots instead of 36 multiply-adds per channel pair (`winograd_conv3x3`,
 #   measurements there); with more than one thread also DenseNet's 128 -> 32
-#   (`_takes_winograd`: XLA:CPU runs a YNNPACK convolution on one thread only).
+#   (`_takes_winograd`: XLA:CPU ran those YNNPACK convolutions on one thread).
 # - 1x1 convolutions as dots: ResNet's took 21-53 GFLOP/s as convolution kernels
 #   and 21-81 as dots; their weight gradients, which layer4's fine-tuning computes,
 #   2-30 against 15-76. ResNet101's forward went from 4.5 to 3.7 s per batch of 16.
@@ -241,8 +241,9 @@ def _takes_winograd(x, kernel, strides, padding) -> bool:
   """Where Winograd was measured faster than XLA's convolution.
 
   With more than one thread (`host.xla_cpu_threads`) that includes 64 or more input
-  channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU runs a YNNPACK
-  convolution on one thread, while the tile dots use every core. Two cores, DenseNet121's
+  channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU ran DenseNet's 128 -> 32
+  YNNPACK convolutions on one thread (10.7 ms on one core, 10.9 on two at 56x56, batch 4;
+  its 128 -> 128 went 39 -> 21 ms), while the tile dots use every core. Two cores, DenseNet121's
   forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms (medians of 5 calls). On one
   core the same rule made it 10-15% slower (1238 -> 1348-1371 ms at batch 16), so there
   it is not taken.
