@@ -225,8 +225,8 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 # in float32; bfloat16 keeps XLA's convolution. The cost is compile time: XLA:CPU
 # compiles each of the 16 dots as its own YNNPACK fusion (about 40 ms each), so
 # compiling the VGG16 forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to
-# 12 s. One batched
-# dot_general compiles in 30 ms but ran slower at 7 of the 8 sizes (up to 1.5x).
+# 12 s. One batched dot_general compiles in 30 ms but ran slower at 7 of the 8
+# sizes (up to 1.5x).
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
@@ -241,12 +241,12 @@ def _takes_winograd(x, kernel, strides, padding) -> bool:
   """Where Winograd was measured faster than XLA's convolution.
 
   With more than one thread (`host.xla_cpu_threads`) that includes 64 or more input
-  channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU ran DenseNet's 128 -> 32
-  YNNPACK convolutions on one thread (10.7 ms on one core, 10.9 on two at 56x56, batch 4;
-  its 128 -> 128 went 39 -> 21 ms), while the tile dots use every core. Two cores, DenseNet121's
-  forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms (medians of 5 calls). On one
-  core the same rule made it 10-15% slower (1238 -> 1348-1371 ms at batch 16), so there
-  it is not taken.
+  channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU ran DenseNet's
+  128 -> 32 YNNPACK convolutions on one thread (10.7 ms on one core, 10.9 on two at
+  56x56, batch 4; its 128 -> 128 went 39 -> 21 ms), while the tile dots use every core.
+  Two cores, DenseNet121's forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms
+  (medians of 5 calls). On one core the same rule made it 10-15% slower (1238 ->
+  1348-1371 ms at batch 16), so there it is not taken.
   """
   kernel_h, kernel_w, in_channels, out_channels = kernel.shape
   pixels = x.shape[1] * x.shape[2]
