@@ -11,7 +11,10 @@ and Grad-CAM once each (in alternating order), so Grad-CAM over the own forward 
 per repeat as well as Grad-CAM against Grad-CAM:
 - drjax: `drjax.gradcam.gradcam(model, variables, images)` on the model's default CAM
   layer, called as a user calls it, and the jitted forward pass alone; XLA's FLOP count
-  of Grad-CAM relative to the forward.
+  of Grad-CAM relative to the forward. As in scripts/cam_study.py, jax has one CPU
+  device per core (`drjax.host.one_cpu_device_per_core`) and the batch is split over
+  them (`drjax.cam_study.split_over_devices`, variables replicated); on one core that
+  is one device.
 - PyTorch: pytorch-grad-cam's `GradCAM` on the same layer of the torchvision model, and
   the model's own forward under `torch.no_grad()`.
 Random weights (timing does not depend on them), float32, 1000 classes (ImageNet heads,
@@ -39,14 +42,20 @@ _TORCH_LAYER = {'densenet121': lambda m: m.features.denseblock4,
 def _jax_worker(spec: dict) -> dict:
   import jax
   import numpy as np
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
-  from drjax import gradcam, models
+  from drjax import cam_study, gradcam, models
 
   model = models.get_model(spec['arch'], num_classes=1000)
   size = spec['image_size']
   x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
   variables = jax.jit(lambda z: model.init(jax.random.key(0), z, train=False))(x[:1])
-  x = jax.device_put(x)
+  # As cam_study.compute_heatmaps places them: the batch split over the devices (one
+  # per core, from worker()), the variables replicated.
+  mesh = Mesh(np.asarray(jax.local_devices()), ('data',))
+  x = cam_study.split_over_devices(x, mesh)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
   # Grad-CAM timed as a user calls it (the function jits its core itself); the jitted
   # wrapper below is only for XLA's FLOP count.
@@ -61,7 +70,7 @@ def _jax_worker(spec: dict) -> dict:
     return float(cost.get('flops', float('nan')))
 
   cam_fn = jax.jit(lambda v, z: gradcam.gradcam(model, v, z))
-  return dict(layer=model.default_cam_layer, **timings,
+  return dict(layer=model.default_cam_layer, **timings, jax_devices=jax.local_device_count(),
               gradcam_over_forward_flops=flops(cam_fn) / flops(forward))
 
 
@@ -93,6 +102,9 @@ def worker(spec: dict) -> dict:
   applied = common.prepare_process(spec)
   if spec['framework'] == 'torch':
     common.limit_torch_threads(spec['threads'])
+  else:
+    from drjax import host
+    host.one_cpu_device_per_core()  # as scripts/cam_study.py
   result = (_jax_worker if spec['framework'] == 'jax' else _torch_worker)(spec)
   for key in ('gradcam', 'forward'):
     result[key]['images_per_s'] = spec['batch'] / result[key]['median_s']

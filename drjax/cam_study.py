@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy import ndimage
 
 from drjax import cam_figures, gradcam, localize
@@ -177,6 +179,18 @@ def area_table(examples: Sequence[Example], shapes: dict[str, tuple]) -> dict[st
   return out
 
 
+def split_over_devices(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """`x [n, ...]` sharded on its first axis over `mesh`.
+
+  Padded to a multiple of the device count with copies of its last row (a real image,
+  so no all-zero-gradient warning), whose results the caller drops.
+  """
+  pad = -len(x) % mesh.devices.size
+  if pad:
+    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+  return jax.device_put(x, NamedSharding(mesh, P('data')))
+
+
 def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequence[str],
                      methods: Sequence[str] = DEFAULT_METHODS, *, targets=None,
                      fusion: bool = True, pixel_methods: Sequence[str] = ('gradients',),
@@ -188,12 +202,20 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
   for, runs separately per layer. `fusion` adds LayerCAM fusion of the layers
   ('fusion@' + '+'.join(layers)); `pixel_methods` adds input-level attributions
   ('gradients@input').
+
+  Each batch is split over this process's devices (with one CPU device per core, see
+  `drjax.host.one_cpu_device_per_core`, the cores run their shares side by side); the
+  variables are copied to each device once.
   """
   size = images_uint8.shape[1:3]
+  mesh = Mesh(np.asarray(jax.local_devices()), ('data',))
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
   out: dict[str, list] = {}
   for i in range(0, len(images_uint8), batch_size):
-    x = images_uint8[i:i + batch_size]
-    t = targets if targets is None or callable(targets) else np.asarray(targets)[i:i + batch_size]
+    n = len(images_uint8[i:i + batch_size])
+    x = split_over_devices(images_uint8[i:i + batch_size], mesh)
+    t = (targets if targets is None or callable(targets)
+         else split_over_devices(np.asarray(targets)[i:i + batch_size], mesh))
     core = gradcam.activations_and_grads(model, variables, x, layer=tuple(layers), targets=t)
     for m in methods:
       for layer in layers:
@@ -202,15 +224,15 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
         else:
           maps = gradcam.postprocess(gradcam.CAM_MAPS[m](core['acts'][layer],
                                                          core['grads'][layer]), size)
-        out.setdefault(f'{m}@{layer}', []).append(np.asarray(maps))
+        out.setdefault(f'{m}@{layer}', []).append(np.asarray(maps)[:n])
     if fusion:
-      fused = gradcam.fuse_maps([gradcam.layercam_map(core['acts'][n], core['grads'][n])
-                                 for n in layers], size)
+      fused = gradcam.fuse_maps([gradcam.layercam_map(core['acts'][k], core['grads'][k])
+                                 for k in layers], size)
       out.setdefault(f'{FUSION}@{"+".join(layers)}', []).append(
-          np.asarray(gradcam.normalize(fused)))
+          np.asarray(gradcam.normalize(fused))[:n])
     for m in pixel_methods:
       out.setdefault(f'{m}@input', []).append(
-          np.asarray(gradcam.get_method(m)(model, variables, x, targets=t)))
+          np.asarray(gradcam.get_method(m)(model, variables, x, targets=t))[:n])
   return {k: np.concatenate(v) for k, v in out.items()}
 
 

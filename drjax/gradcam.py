@@ -20,6 +20,11 @@ images are normalised with `drjax.models.common.normalize`); maps are
 channels-last `[B, h, w]`; targets are `None` (the predicted class), an int
 array `[B]` (a class per image) or a callable `logits [K] -> scalar` applied to
 each image's logits (e.g. `referable_dr_target`).
+
+The computation follows its inputs' placement, as `jax.jit` does: images sharded on
+the batch axis over several devices, with the variables replicated, split the batch
+over them (`drjax.cam_study.compute_heatmaps` does so; on CPU see
+`drjax.host.one_cpu_device_per_core`).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def main(argv):
   from drjax import host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
+  host.one_cpu_device_per_core()  # each batch split over the cores; ditto
   from drjax import cam_study
 
   path = cam_study.run_workdirs(

@@ -367,6 +367,37 @@ def test_explain_writes_figure_heatmaps_and_scores(tiny_run, tmp_path):
   assert 'mean' in report and (tmp_path / 'out' / 'scores_gradcam.json').exists()
 
 
+def test_cam_study_heatmaps_split_over_devices_equal_one_device(toy, monkeypatch):
+  from drjax import cam_study
+  model, variables, _ = toy
+  seen = []
+  core = gradcam.activations_and_grads
+
+  def spy(model, variables, images, **kwargs):
+    seen.append((len(images), len(images.sharding.device_set)))
+    return core(model, variables, images, **kwargs)
+
+  monkeypatch.setattr(gradcam, 'activations_and_grads', spy)
+  assert jax.local_device_count() == 4  # tests/conftest.py
+  # 7 images in batches of 6: 6 over 4 devices (padded to 8), then 1 (padded to 4).
+  images = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (7, SIZE, SIZE, 3), 0, 256),
+                      np.uint8)
+  targets = np.array([0, 1, 2, 3, 4, 0, 1])
+  got = cam_study.compute_heatmaps(model, variables, images, ('stage1', 'stage2'),
+                                   ('gradcam', 'layercam'), targets=targets, batch_size=6)
+  assert seen == [(8, 4), (4, 4)]
+  assert set(got) == {'gradcam@stage1', 'gradcam@stage2', 'layercam@stage1',
+                      'layercam@stage2', 'fusion@stage1+stage2', 'gradients@input'}
+  one = jax.devices()[0]
+  x, v = jax.device_put(images, one), jax.device_put(variables, one)
+  for key, fn in (('gradcam@stage2', gradcam.gradcam), ('layercam@stage1', gradcam.layercam)):
+    want = fn(model, v, x, layer=key.split('@')[1], targets=targets)
+    assert want.sharding.device_set == {one}
+    np.testing.assert_allclose(got[key], want, atol=1e-5)
+  want = gradcam.gradients(model, v, x, targets=targets)
+  np.testing.assert_allclose(got['gradients@input'], want, atol=1e-5)
+
+
 def test_cam_study_report(tiny_run, tmp_path, monkeypatch):
   from drjax import cam_study, train
   monkeypatch.setattr(train, 'load_run', lambda workdir: tiny_run)

@@ -83,3 +83,36 @@ def test_xla_cpu_threads_follows_the_cpu_affinity():
   out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
                        check=True)
   assert out.stdout.split() == [str(len(os.sched_getaffinity(0))), '1']
+
+
+def _devices_probe(code: str, **env) -> subprocess.CompletedProcess:
+  environ = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  environ.update(env)
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=True, env=environ)
+
+
+_DEVICES = ('from drjax import host; n = host.one_cpu_device_per_core(); import jax, os; '
+            'print(n, jax.local_device_count(), len(os.sched_getaffinity(0)))')
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_getaffinity'), reason='needs CPU affinity (Linux)')
+def test_one_cpu_device_per_core():
+  n, devices, cores = _devices_probe(_DEVICES).stdout.split()
+  assert n == devices == cores
+  # Pinned to one core: one device.
+  first = min(os.sched_getaffinity(0))
+  out = _devices_probe(f'import os; os.sched_setaffinity(0, {{{first}}}); {_DEVICES}')
+  assert out.stdout.split() == ['1', '1', '1']
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_getaffinity'), reason='needs CPU affinity (Linux)')
+def test_one_cpu_device_per_core_leaves_an_explicit_count_alone():
+  cores = str(len(os.sched_getaffinity(0)))
+  out = _devices_probe(_DEVICES, XLA_FLAGS='--xla_force_host_platform_device_count=3')
+  assert out.stdout.split() == ['0', '3', cores]
+  out = _devices_probe(_DEVICES, JAX_NUM_CPU_DEVICES='5')
+  assert out.stdout.split() == ['0', '5', cores]
+  out = _devices_probe('import jax; jax.devices(); ' + _DEVICES)
+  assert out.stdout.split() == ['0', '1', cores]
+  assert 'after jax started' in out.stderr
