@@ -11,10 +11,11 @@ and Grad-CAM once each (in alternating order), so Grad-CAM over the own forward 
 per repeat as well as Grad-CAM against Grad-CAM:
 - drjax: `drjax.gradcam.gradcam(model, variables, images)` on the model's default CAM
   layer, called as a user calls it, and the jitted forward pass alone; XLA's FLOP count
-  of Grad-CAM relative to the forward. As in scripts/cam_study.py, jax has one CPU
-  device per core (`drjax.host.one_cpu_device_per_core`) and the batch is split over
-  them (`drjax.cam_study.split_over_devices`, variables replicated); on one core that
-  is one device.
+  of Grad-CAM relative to the forward. With `--one_device_per_core`, as
+  `scripts/cam_study.py --one_device_per_core`, jax has one CPU device per core
+  (`drjax.host.one_cpu_device_per_core`) and the batch is split over them
+  (`drjax.cam_study.split_over_devices`, variables replicated); on one core that is
+  one device.
 - PyTorch: pytorch-grad-cam's `GradCAM` on the same layer of the torchvision model, and
   the model's own forward under `torch.no_grad()`.
 Random weights (timing does not depend on them), float32, 1000 classes (ImageNet heads,
@@ -51,8 +52,8 @@ def _jax_worker(spec: dict) -> dict:
   size = spec['image_size']
   x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
   variables = jax.jit(lambda z: model.init(jax.random.key(0), z, train=False))(x[:1])
-  # As cam_study.compute_heatmaps places them: the batch split over the devices (one
-  # per core, from worker()), the variables replicated.
+  # As cam_study.compute_heatmaps places them: the batch split over the devices (one,
+  # or one per core with --one_device_per_core), the variables replicated.
   mesh = Mesh(np.asarray(jax.local_devices()), ('data',))
   x = cam_study.split_over_devices(x, mesh)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
@@ -102,9 +103,9 @@ def worker(spec: dict) -> dict:
   applied = common.prepare_process(spec)
   if spec['framework'] == 'torch':
     common.limit_torch_threads(spec['threads'])
-  else:
+  elif spec['one_device_per_core']:
     from drjax import host
-    host.one_cpu_device_per_core()  # as scripts/cam_study.py
+    host.one_cpu_device_per_core()  # as scripts/cam_study.py --one_device_per_core
   result = (_jax_worker if spec['framework'] == 'jax' else _torch_worker)(spec)
   for key in ('gradcam', 'forward'):
     result[key]['images_per_s'] = spec['batch'] / result[key]['median_s']
@@ -122,6 +123,8 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--frameworks', default='jax,torch')
+  parser.add_argument('--one_device_per_core', action='store_true',
+                      help='drjax: one jax CPU device per core, the batch split over them')
   common.add_keep_freed_memory_flag(parser)
   common.add_interleave_flag(parser)
   parser.add_argument('--quick', action='store_true', help='batch 2, 1 warm-up, 2 repeats')
@@ -139,7 +142,8 @@ def main():
   threads = common.default_threads(args)
   specs = [dict(framework=framework, arch=args.arch, batch=args.batch,
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
-                repeats=args.repeats, keep_freed_memory=args.keep_freed_memory)
+                repeats=args.repeats, keep_freed_memory=args.keep_freed_memory,
+                one_device_per_core=args.one_device_per_core)
            for framework in args.frameworks.split(',')]
   print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} ({threads} threads"
         f"{', in lockstep' if common.in_lockstep(specs, args.interleave) else ''}) ...",
@@ -166,7 +170,8 @@ def main():
       drjax_gradcam_over_own_forward_per_repeat=common.paired_summary(own_paired),
       pytorch_grad_cam_over_torch_forward=rate(theirs, 'gradcam') / rate(theirs, 'forward'))
   nan = float('nan')
-  where = f'{threads}' + (', freed memory kept' if args.keep_freed_memory else '')
+  where = f'{threads}' + (', freed memory kept' if args.keep_freed_memory else '') + \
+      (', a device per core' if args.one_device_per_core else '')
   line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
           f"{where} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
           f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | "
@@ -184,7 +189,8 @@ def main():
                  machine=common.machine(), results=results, **summary, readme=table,
                  time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
   suffix = ('_quick' if args.quick else '') + \
-      ('_keep_freed_memory' if args.keep_freed_memory else '')
+      ('_keep_freed_memory' if args.keep_freed_memory else '') + \
+      ('_one_device_per_core' if args.one_device_per_core else '')
   path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)
   print(table)
   print(f"drjax Grad-CAM / own forward: {summary['drjax_gradcam_over_own_forward']:.2f}x, per "

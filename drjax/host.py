@@ -121,10 +121,14 @@ def one_cpu_device_per_core() -> int:
   them on a `Mesh` runs as one program per device, side by side, sharing XLA's thread
   pool. Two cores, forward pass, batch split in two against one device, paired calls in
   one process: DenseNet121 1.09-1.19x at batch 4 and 1.14-1.17x at batch 16; ResNet101
-  0.98-1.05x at batch 4. `scripts/cam_study.py` calls it (`cam_study.compute_heatmaps`
-  splits each batch over the devices). Training does not: a replicated optimizer state
-  is updated once per device (VGG16's 120M trainable parameters: a train step at batch
-  16 on two cores went from 2.7 to 5.1 s).
+  0.98-1.05x at batch 4. The price is compile time: the CAM study's heatmaps of 16
+  images at 224 px (DenseNet121, three layers) took 51.6 s to compile and run the first
+  time on two devices against 42.6 s on one, then 1.2 against 1.3-1.6 s. So
+  `scripts/cam_study.py` calls it only with `--one_device_per_core`
+  (`cam_study.compute_heatmaps` splits each batch over whatever devices there are).
+  Training does not: a replicated optimizer state is updated once per device (VGG16's
+  120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
+  5.1 s).
 
   Like `keep_freed_memory` it must run before jax starts its CPU client. It leaves an
   explicit choice alone (`--xla_force_host_platform_device_count` in XLA_FLAGS,
