@@ -121,12 +121,12 @@ def one_cpu_device_per_core() -> int:
   them on a `Mesh` runs as one program per device, side by side, sharing XLA's thread
   pool. Two cores, forward pass, batch split in two against one device, paired calls in
   one process: DenseNet121 1.09-1.19x at batch 4 and 1.14-1.17x at batch 16; ResNet101
-  0.98-1.05x at batch 4. The price is compile time: the CAM study's heatmaps of 16
-  images at 224 px (DenseNet121, three layers) took 51.6 s to compile and run the first
-  time on two devices against 42.6 s on one, then 1.2 against 1.3-1.6 s. So
-  `scripts/cam_study.py` calls it only with `--one_device_per_core`
-  (`cam_study.compute_heatmaps` splits each batch over whatever devices there are).
-  Training does not: a replicated optimizer state is updated once per device (VGG16's
+  0.98-1.05x at batch 4. Compiling for several devices took somewhat longer
+  (DenseNet121's CAM-study programs: 98-108 s on two devices, 87-101 s on one, three
+  processes each), and compiling dominates a study of 16 images (whose heatmaps then took
+  1.2 s on two devices, 1.3-1.6 s on one). So `scripts/cam_study.py` calls it only with
+  `--one_device_per_core` (`cam_study.compute_heatmaps` splits each batch over whatever
+  devices there are). Training does not: a replicated optimizer state is updated once per device (VGG16's
   120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
   5.1 s).
 
