@@ -126,9 +126,9 @@ def one_cpu_device_per_core() -> int:
   processes each), and compiling dominates a study of 16 images (whose heatmaps then took
   1.2 s on two devices, 1.3-1.6 s on one). So `scripts/cam_study.py` calls it only with
   `--one_device_per_core` (`cam_study.compute_heatmaps` splits each batch over whatever
-  devices there are). Training does not: a replicated optimizer state is updated once per device (VGG16's
-  120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
-  5.1 s).
+  devices there are). Training does not: a replicated optimizer state is updated once
+  per device (VGG16's 120M trainable parameters: a train step at batch 16 on two cores
+  went from 2.7 to 5.1 s).
 
   Like `keep_freed_memory` it must run before jax starts its CPU client. It leaves an
   explicit choice alone (`--xla_force_host_platform_device_count` in XLA_FLAGS,
