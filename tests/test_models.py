@@ -449,6 +449,32 @@ def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, threads,
   assert (str(jaxpr).count(' conv_general_dilated[') == 0) == takes_winograd
 
 
+def test_threaded_winograd_keeps_the_direct_convolutions_gradients(monkeypatch):
+  """DenseNet's 128 -> 32 on two threads: Winograd forward, `_conv_tap_grad`'s backward."""
+  monkeypatch.setattr(host, 'xla_cpu_threads', lambda: 2)
+  x = jax.random.normal(jax.random.key(0), (2, 14, 15, 128))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 128, 32)) / np.sqrt(9 * 128)
+  reference, ours = _lax_and_drjax_conv(1, 1)
+  forward = str(jax.make_jaxpr(ours)(x, kernel))
+  assert forward.count(' dot_general[') == 16
+  assert forward.count(' conv_general_dilated[') == 0
+  np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+
+  def loss(conv, x, kernel):
+    return jnp.sum(jnp.sin(conv(x, kernel)))
+
+  grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))
+  backward = str(jax.make_jaxpr(grads)(x, kernel))
+  # 16 forward dots, then the input gradient as a (transposed) convolution and the kernel
+  # gradient as one dot per tap, not Winograd's 16 + 16 + 16 dots. (The second convolution
+  # is the primal that `jax.vjp` traces for the input gradient; XLA removes it, unused.)
+  assert backward.count(' dot_general[') == 16 + 9
+  assert backward.count(' conv_general_dilated[') == 2
+  expected = jax.grad(functools.partial(loss, reference), argnums=(0, 1))(x, kernel)
+  for g, e in zip(grads(x, kernel), expected, strict=True):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.abs(e).max()))
+
+
 @pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (5, 4), (6, 6)])
 def test_winograd_matches_lax_at_every_tile_remainder(height, width):
   x = jax.random.normal(jax.random.key(0), (2, height, width, 8))
