@@ -33,6 +33,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import sys
 
 ENV_VAR = 'DRJAX_KEEP_FREED_MEMORY'
@@ -119,16 +120,17 @@ def one_cpu_device_per_core() -> int:
   leaves the other cores idle for part of a forward pass. With a device per core
   (`jax_num_cpu_devices`, the cores of this process's affinity), a batch sharded over
   them on a `Mesh` runs as one program per device, side by side, sharing XLA's thread
-  pool. Two cores, forward pass, batch split in two against one device, paired calls in
-  one process: DenseNet121 1.09-1.19x at batch 4 and 1.14-1.17x at batch 16; ResNet101
-  0.98-1.05x at batch 4. Compiling for several devices took somewhat longer
-  (DenseNet121's CAM-study programs: 98-108 s on two devices, 87-101 s on one, three
-  processes each), and compiling dominates a study of 16 images (whose heatmaps then took
-  1.2 s on two devices, 1.3-1.6 s on one). So `scripts/cam_study.py` calls it only with
-  `--one_device_per_core` (`cam_study.compute_heatmaps` splits each batch over whatever
-  devices there are). Training does not: a replicated optimizer state is updated once
-  per device (VGG16's 120M trainable parameters: a train step at batch 16 on two cores
-  went from 2.7 to 5.1 s).
+  pool. Each device's program is traced for its share of the cores (`xla_cpu_threads`),
+  so with one core each DenseNet's 128 -> 32 convolutions stay XLA's, not the threaded
+  Winograd path. Two cores, DenseNet121's forward at 224 px, batch split over two
+  devices against one device with every core, paired calls in one process: 1.11x
+  faster at batch 4 and 1.23x at batch 16, compiled in 5.0-5.2 s against 14.8-17.1 s;
+  the CAM study's core and input gradients compiled and ran first in 25-26 s against
+  43 s. `scripts/cam_study.py` calls it (`--noone_device_per_core` turns it off;
+  `cam_study.compute_heatmaps` splits each batch over whatever devices there are).
+  Training does not: a replicated optimizer state is updated once per device (VGG16's
+  120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
+  5.1 s).
 
   Like `keep_freed_memory` it must run before jax starts its CPU client. It leaves an
   explicit choice alone (`--xla_force_host_platform_device_count` in XLA_FLAGS,
@@ -147,19 +149,37 @@ def one_cpu_device_per_core() -> int:
     return 0
   import jax  # only here: this module otherwise imports no framework
 
-  count = xla_cpu_threads()
+  count = _cores()
   jax.config.update('jax_num_cpu_devices', count)
   return count
 
 
+def _cores() -> int:
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def cpu_device_count() -> int:
+  """How many CPU devices jax makes (or made) in this process, without starting it."""
+  jax = sys.modules.get('jax')
+  if jax is not None and jax.config.jax_num_cpu_devices >= 0:
+    return max(1, jax.config.jax_num_cpu_devices)
+  if os.environ.get('JAX_NUM_CPU_DEVICES', '').strip().isdigit():
+    return max(1, int(os.environ['JAX_NUM_CPU_DEVICES']))
+  found = re.findall(r'--xla_force_host_platform_device_count=(\d+)',
+                     os.environ.get('XLA_FLAGS', ''))
+  return max(1, int(found[-1])) if found else 1
+
+
 def xla_cpu_threads() -> int:
-  """How many threads XLA:CPU spreads a program's work over in this process.
+  """How many threads XLA:CPU spreads one device's program over in this process.
 
   XLA's CPU client sizes its thread pool to the cores the process may run on (its CPU
   affinity, as `taskset` or `os.sched_setaffinity` set it); YNNPACK's dots use that
   pool whatever `--xla_cpu_multi_thread_eigen` says. A dot of [12544, 224] x [224, 128]
-  took 8.7 ms on one core and 5.3 ms on two, with or without that flag.
+  took 8.7 ms on one core and 5.3 ms on two, with or without that flag. Several CPU
+  devices (`one_cpu_device_per_core`) share the pool, running their programs side by
+  side, so each counts the cores divided among them, at least one.
   """
-  if hasattr(os, 'sched_getaffinity'):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
+  return max(1, _cores() // cpu_device_count())

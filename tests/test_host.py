@@ -74,22 +74,29 @@ def test_host_imports_no_framework():
   assert out.stdout.split() == ['False', 'False']
 
 
-@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='needs CPU affinity (Linux)')
-def test_xla_cpu_threads_follows_the_cpu_affinity():
-  """One thread when pinned to one core (as the benchmarks' `--threads 1` pins)."""
-  first = min(os.sched_getaffinity(0))
-  probe = ('import os; from drjax import host; a = host.xla_cpu_threads(); '
-           f'os.sched_setaffinity(0, {{{first}}}); print(a, host.xla_cpu_threads())')
-  out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
-                       check=True)
-  assert out.stdout.split() == [str(len(os.sched_getaffinity(0))), '1']
-
-
 def _devices_probe(code: str, **env) -> subprocess.CompletedProcess:
   environ = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
   environ.update(env)
   return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                         check=True, env=environ)
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='needs CPU affinity (Linux)')
+def test_xla_cpu_threads_follows_the_cpu_affinity():
+  """One thread when pinned to one core (as the benchmarks' `--threads 1` pins), and the
+  cores' share of each CPU device when there are several."""
+  first = min(os.sched_getaffinity(0))
+  probe = ('import os; from drjax import host; a = host.xla_cpu_threads(); '
+           f'os.sched_setaffinity(0, {{{first}}}); print(a, host.xla_cpu_threads())')
+  cores = len(os.sched_getaffinity(0))
+  assert _devices_probe(probe).stdout.split() == [str(cores), '1']
+  # CPU devices share the cores: each device's program counts its share, at least one.
+  for env in (dict(XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+              dict(JAX_NUM_CPU_DEVICES='2')):
+    assert _devices_probe(probe, **env).stdout.split() == [str(max(1, cores // 2)), '1']
+  out = _devices_probe('from drjax import host; host.one_cpu_device_per_core(); '
+                       'print(host.xla_cpu_threads())')
+  assert out.stdout.split() == ['1']
 
 
 _DEVICES = ('from drjax import host; n = host.one_cpu_device_per_core(); import jax, os; '
