@@ -43,10 +43,8 @@ _TORCH_LAYER = {'densenet121': lambda m: m.features.denseblock4,
 def _jax_worker(spec: dict) -> dict:
   import jax
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  from drjax import cam_study, gradcam, models
+  from drjax import cam_study, gradcam, models, train
 
   model = models.get_model(spec['arch'], num_classes=1000)
   size = spec['image_size']
@@ -54,9 +52,9 @@ def _jax_worker(spec: dict) -> dict:
   variables = jax.jit(lambda z: model.init(jax.random.key(0), z, train=False))(x[:1])
   # As cam_study.compute_heatmaps places them: the batch split over the devices (one,
   # or one per core with --one_device_per_core), the variables replicated.
-  mesh = Mesh(np.asarray(jax.local_devices()), ('data',))
+  mesh = train.make_mesh(jax.local_devices())
   x = cam_study.split_over_devices(x, mesh)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  variables = train.replicate(variables, mesh)
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
   # Grad-CAM timed as a user calls it (the function jits its core itself); the jitted
   # wrapper below is only for XLA's FLOP count.

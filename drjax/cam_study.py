@@ -207,13 +207,16 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
   `drjax.host.one_cpu_device_per_core`, the cores run their shares side by side); the
   variables are copied to each device once.
   """
+  from drjax import train
+
   size = images_uint8.shape[1:3]
-  mesh = Mesh(np.asarray(jax.local_devices()), ('data',))
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  mesh = train.make_mesh(jax.local_devices())
+  variables = train.replicate(variables, mesh)
   out: dict[str, list] = {}
   for i in range(0, len(images_uint8), batch_size):
-    n = len(images_uint8[i:i + batch_size])
-    x = split_over_devices(images_uint8[i:i + batch_size], mesh)
+    batch = images_uint8[i:i + batch_size]
+    n = len(batch)
+    x = split_over_devices(batch, mesh)
     t = (targets if targets is None or callable(targets)
          else split_over_devices(np.asarray(targets)[i:i + batch_size], mesh))
     core = gradcam.activations_and_grads(model, variables, x, layer=tuple(layers), targets=t)

@@ -102,14 +102,17 @@ def keep_freed_memory() -> bool:
   return ok
 
 
-def _cpu_device_count_set() -> bool:
-  """True if the user already chose how many CPU devices jax makes."""
-  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return True
-  if 'JAX_NUM_CPU_DEVICES' in os.environ:
-    return True
+def _chosen_cpu_device_count() -> int | None:
+  """The CPU device count the user chose for jax, or None if they chose none."""
   jax = sys.modules.get('jax')
-  return jax is not None and jax.config.jax_num_cpu_devices >= 0
+  if jax is not None and jax.config.jax_num_cpu_devices >= 0:
+    return jax.config.jax_num_cpu_devices
+  if 'JAX_NUM_CPU_DEVICES' in os.environ:
+    value = os.environ['JAX_NUM_CPU_DEVICES'].strip()
+    return int(value) if value.isdigit() else 1
+  found = re.findall(r'--xla_force_host_platform_device_count=(\d+)',
+                     os.environ.get('XLA_FLAGS', ''))
+  return int(found[-1]) if found else None
 
 
 def one_cpu_device_per_core() -> int:
@@ -140,7 +143,7 @@ def one_cpu_device_per_core() -> int:
     The number of CPU devices asked for, or 0 if nothing was changed (a choice already
     made, or called after jax started, which is logged as a warning).
   """
-  if _cpu_device_count_set():
+  if _chosen_cpu_device_count() is not None:
     return 0
   if _jax_started():
     logging.warning('drjax.host.one_cpu_device_per_core() was called after jax started its '
@@ -162,14 +165,7 @@ def _cores() -> int:
 
 def cpu_device_count() -> int:
   """How many CPU devices jax makes (or made) in this process, without starting it."""
-  jax = sys.modules.get('jax')
-  if jax is not None and jax.config.jax_num_cpu_devices >= 0:
-    return max(1, jax.config.jax_num_cpu_devices)
-  if os.environ.get('JAX_NUM_CPU_DEVICES', '').strip().isdigit():
-    return max(1, int(os.environ['JAX_NUM_CPU_DEVICES']))
-  found = re.findall(r'--xla_force_host_platform_device_count=(\d+)',
-                     os.environ.get('XLA_FLAGS', ''))
-  return max(1, int(found[-1])) if found else 1
+  return max(1, _chosen_cpu_device_count() or 1)
 
 
 def xla_cpu_threads() -> int:
