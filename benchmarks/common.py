@@ -164,9 +164,14 @@ def time_calls_together(fns: dict[str, Callable[[], object]], warmup: int, repea
   """Times several blocking callables in the same repeats, so that their ratios pair up.
 
   Arguments as `time_calls`. Each callable is warmed up in turn; then every repeat times
-  each of them, in the given order on even repeats and reversed on odd ones, so that
-  repeat i of each ran at the same moment of the machine. In lockstep, a repeat (all of
-  them) is one turn of the worker.
+  each of them, so that repeat i of each ran at the same moment of the machine: in the
+  given order on repeats 0 and 1, reversed on 2 and 3, and so on. In lockstep, a repeat
+  (all of them) is one turn of the worker, and the turns alternate which worker goes
+  first (`run_lockstep`). Flipping the order every other repeat keeps the two cycles
+  apart, so each callable is the first one after the other worker's turn (caches and
+  the thread pool cold) as often as any other. Flipped on every repeat, the same
+  callable was always that one: in bench_gradcam the drjax worker's Grad-CAM and the
+  PyTorch worker's forward pass.
 
   Returns:
     {name: dict(first_call_s, times_s, median_s, min_s)}, as `time_calls` per callable.
@@ -182,7 +187,7 @@ def time_calls_together(fns: dict[str, Callable[[], object]], warmup: int, repea
   items = list(fns.items())
 
   def one_repeat():
-    for name, fn in items if len(times[items[0][0]]) % 2 == 0 else reversed(items):
+    for name, fn in items if len(times[items[0][0]]) // 2 % 2 == 0 else reversed(items):
       times[name].append(_time_repeat(fn, calls_per_repeat))
 
   if _lockstep:

@@ -4,6 +4,7 @@ The workers here are stand-ins that time a step recording `time.monotonic()` (on
 for every process), so the tests see exactly who ran when.
 """
 
+import itertools
 import os
 import sys
 
@@ -74,15 +75,25 @@ def test_lockstep_takes_turns_and_warms_up_alone(worker_script):
 
 def test_calls_timed_together_alternate_within_each_lockstep_turn(worker_script):
   """`time_calls_together`: each turn of a worker runs every callable once, in the
-  given order on even repeats and reversed on odd ones; the turns alternate as above."""
+  given order on repeats 0 and 1 and reversed on 2 and 3; the turns alternate as above,
+  so each callable is as often the first one after the other worker's turn."""
   specs = [_spec('A', together=True), _spec('B', together=True)]
   results = common.run_workers(worker_script, specs, interleave=True, timeout_s=120)
   assert [r.get('error') for r in results] == [None, None]
   assert _who_ran_when(results) == 'AABB' + 'AABBBBAAAABBBBAA'
   for r in results:
-    assert ''.join(r['names']) == 'fg' + 'fggffggf'  # warm-ups, then 4 repeats
+    assert ''.join(r['names']) == 'fg' + 'fgfggfgf'  # warm-ups, then 4 repeats
     assert sorted(r['timings']) == ['f', 'g']
     assert all(len(t['times_s']) == 4 for t in r['timings'].values())
+  # The timed call right after the other worker's turn (caches cold) is f once and g once
+  # in each worker. (Flipping the order on every repeat made it g, g in A and f, f in B.)
+  calls = sorted((t, r['framework'], n) for r in results
+                 for t, n in zip(r['stamps'][2:], r['names'][2:], strict=True))
+  after_other = {'A': [], 'B': []}
+  for (_, before, _), (_, who, name) in itertools.pairwise(calls):
+    if who != before:
+      after_other[who].append(name)
+  assert after_other == {'A': ['f', 'g'], 'B': ['f', 'g']}
 
 
 def test_calls_timed_together_without_lockstep():
@@ -90,7 +101,7 @@ def test_calls_timed_together_without_lockstep():
   timings = common.time_calls_together({'f': lambda: calls.append('f'),
                                         'g': lambda: calls.append('g')},
                                        warmup=2, repeats=3, label='f+g')
-  assert ''.join(calls) == 'ffgg' + 'fggffg'
+  assert ''.join(calls) == 'ffgg' + 'fgfggf'
   assert {name: len(t['times_s']) for name, t in timings.items()} == {'f': 3, 'g': 3}
   assert timings['f']['median_s'] >= timings['f']['min_s'] >= 0
 
