@@ -423,30 +423,34 @@ def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
   assert str(jaxpr).count(' conv_general_dilated[') == 1
 
 
-@pytest.mark.parametrize('shape, dtype, threads, takes_winograd', [
-    ((2, 8, 8, 64, 64), jnp.float32, 1, True),
-    ((2, 8, 8, 64, 64), jnp.float32, 2, True),
-    ((2, 8, 8, 63, 64), jnp.float32, 2, False),
-    ((1, 113, 112, 64, 64), jnp.float32, 2, False),  # above 112 x 112 pixels: slower
-    ((2, 8, 8, 64, 64), jnp.bfloat16, 2, False),
+W, WF = layers.winograd_conv3x3, layers._winograd_forward
+
+
+@pytest.mark.parametrize('shape, dtype, threads, path', [
+    ((2, 8, 8, 64, 64), jnp.float32, 1, W),
+    ((2, 8, 8, 64, 64), jnp.float32, 2, W),
+    ((2, 8, 8, 63, 64), jnp.float32, 2, None),
+    ((1, 113, 112, 64, 64), jnp.float32, 2, None),  # above 112 x 112 pixels: slower
+    ((2, 8, 8, 64, 64), jnp.bfloat16, 2, None),
     # DenseNet's 128 -> 32: on one thread XLA's convolution is faster; with more, Winograd's
-    # dots (which use every thread) from 14 x 14 pixels up.
-    ((2, 14, 14, 128, 32), jnp.float32, 1, False),
-    ((2, 14, 14, 128, 32), jnp.float32, 2, True),
-    ((2, 56, 56, 128, 32), jnp.float32, 2, True),
-    ((2, 13, 14, 128, 32), jnp.float32, 2, False),
-    ((2, 14, 14, 128, 31), jnp.float32, 2, False),
-    ((2, 14, 14, 63, 32), jnp.float32, 2, False),
+    # dots (which use every thread) from 14 x 14 pixels up, with the direct gradients.
+    ((2, 14, 14, 128, 32), jnp.float32, 1, None),
+    ((2, 14, 14, 128, 32), jnp.float32, 2, WF),
+    ((2, 56, 56, 128, 32), jnp.float32, 2, WF),
+    ((2, 13, 14, 128, 32), jnp.float32, 2, None),
+    ((2, 14, 14, 128, 31), jnp.float32, 2, None),
+    ((2, 14, 14, 63, 32), jnp.float32, 2, None),
 ])
-def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, threads,
-                                             takes_winograd):
+def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, threads, path):
   monkeypatch.setattr(host, 'xla_cpu_threads', lambda: threads)
   batch, height, width, in_channels, out_channels = shape
+  x = jnp.zeros((batch, height, width, in_channels), dtype)
+  kernel = jnp.zeros((3, 3, in_channels, out_channels), dtype)
+  assert layers._winograd_path(x, kernel, (1, 1), ((1, 1), (1, 1))) is path
   _, conv = _lax_and_drjax_conv(1, 1)
-  jaxpr = jax.make_jaxpr(conv)(jnp.zeros((batch, height, width, in_channels), dtype),
-                               jnp.zeros((3, 3, in_channels, out_channels), dtype))
-  assert (str(jaxpr).count(' dot_general[') == 16) == takes_winograd
-  assert (str(jaxpr).count(' conv_general_dilated[') == 0) == takes_winograd
+  jaxpr = str(jax.make_jaxpr(conv)(x, kernel))
+  assert (jaxpr.count(' dot_general[') == 16) == (path is not None)
+  assert (jaxpr.count(' conv_general_dilated[') == 0) == (path is not None)
 
 
 def test_threaded_winograd_keeps_the_direct_convolutions_gradients(monkeypatch):

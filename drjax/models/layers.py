@@ -34,7 +34,7 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 # - 3x3 stride-1 convolutions with 64 or more channels as Winograd F(2x2, 3x3),
 #   16 dots instead of 36 multiply-adds per channel pair (`winograd_conv3x3`,
 #   measurements there); with more than one thread also DenseNet's 128 -> 32
-#   (`_takes_winograd`: XLA:CPU ran those YNNPACK convolutions on one thread).
+#   (`_winograd_path`: XLA:CPU ran those YNNPACK convolutions on one thread).
 # - 1x1 convolutions as dots: ResNet's took 21-53 GFLOP/s as convolution kernels
 #   and 21-81 as dots; their weight gradients, which layer4's fine-tuning computes,
 #   2-30 against 15-76. ResNet101's forward went from 4.5 to 3.7 s per batch of 16.
@@ -85,10 +85,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         feature_group_count=feature_group_count, precision=precision)
   strides = tuple(window_strides)
   padding = tuple(tuple(p) for p in padding)
-  if _takes_winograd(lhs, rhs, strides, padding):
-    if rhs.shape[3] >= _WINOGRAD_MIN_CHANNELS:
-      return winograd_conv3x3(lhs, rhs, precision)
-    return _winograd_forward(lhs, rhs, precision)
+  winograd = _winograd_path(lhs, rhs, strides, padding)
+  if winograd is not None:
+    return winograd(lhs, rhs, precision)
   if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
     if strides != (1, 1):
       lhs = lhs[:, ::strides[0], ::strides[1], :]
@@ -239,16 +238,18 @@ _WINOGRAD_THREADED_MIN_OUT_CHANNELS = 32
 _WINOGRAD_THREADED_MIN_PIXELS = 14 * 14
 
 
-def _takes_winograd(x, kernel, strides, padding) -> bool:
-  """Where Winograd was measured faster than XLA's convolution.
+def _winograd_path(x, kernel, strides, padding):
+  """The Winograd function for this convolution, or None where XLA's was as fast or faster.
 
-  With more than one thread (`host.xla_cpu_threads`) that includes 64 or more input
-  channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU ran DenseNet's
+  `winograd_conv3x3` (its own gradients) with 64 or more input and output channels,
+  up to 112x112 pixels. With more than one thread (`host.xla_cpu_threads`) also 64 or
+  more input channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU ran DenseNet's
   128 -> 32 YNNPACK convolutions on one thread (10.7 ms on one core, 10.9 on two at
   56x56, batch 4; its 128 -> 128 went 39 -> 21 ms), while the tile dots use every core.
   Two cores, DenseNet121's forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms
   (medians of 5 calls). On one core the same rule made it 10-15% slower (1238 ->
-  1348-1371 ms at batch 16), so there it is not taken.
+  1348-1371 ms at batch 16), so there it is not taken. These take `_winograd_forward`:
+  Winograd's forward pass with the direct convolution's gradients.
   """
   kernel_h, kernel_w, in_channels, out_channels = kernel.shape
   pixels = x.shape[1] * x.shape[2]
@@ -256,11 +257,13 @@ def _takes_winograd(x, kernel, strides, padding) -> bool:
           and padding == ((1, 1), (1, 1))
           and x.dtype == kernel.dtype == jnp.float32
           and in_channels >= _WINOGRAD_MIN_CHANNELS and pixels <= _WINOGRAD_MAX_PIXELS):
-    return False
+    return None
   if out_channels >= _WINOGRAD_MIN_CHANNELS:
-    return True
-  return (out_channels >= _WINOGRAD_THREADED_MIN_OUT_CHANNELS
-          and pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1)
+    return winograd_conv3x3
+  if (out_channels >= _WINOGRAD_THREADED_MIN_OUT_CHANNELS
+      and pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1):
+    return _winograd_forward
+  return None
 
 
 def _combine(parts, coefficients):
@@ -310,7 +313,7 @@ def winograd_conv3x3(x, kernel, precision=None):
 def _winograd_forward(x, kernel, precision):
   """Winograd's forward pass with the direct convolution's gradients (`_conv_tap_grad`).
 
-  For the convolutions only the threaded rule of `_takes_winograd` gives Winograd
+  For the convolutions only the threaded rule of `_winograd_path` gives Winograd
   (DenseNet's 128 -> 32): its forward pass is faster there, its autodiff backward was
   not, and compiling it is slow. DenseNet121, 224 px, batch 4, two cores, paired calls
   in one process: the input gradient (Grad-CAM study's `gradients`, or training from a
