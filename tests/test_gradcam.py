@@ -129,7 +129,7 @@ def test_outputs_shape_range_and_postprocess(toy):
   chex.assert_shape(raw, (3, SIZE // 4, SIZE // 4))
   expected = gradcam.postprocess(raw, (SIZE, SIZE))
   chex.assert_trees_all_close(gradcam.gradcam(model, variables, images), expected, atol=1e-6)
-  # Each method (one jitted program) is its formula applied to the shared core's output.
+  # Each method is its formula applied to the shared core's output, raw and post-processed.
   out = gradcam.activations_and_grads(model, variables, images)
   for name, map_fn in gradcam.CAM_MAPS.items():
     cam = map_fn(out['acts']['stage2'], out['grads']['stage2'])
@@ -140,6 +140,18 @@ def test_outputs_shape_range_and_postprocess(toy):
   # Per-image min-max: each non-constant map spans exactly [0, 1].
   np.testing.assert_allclose(np.asarray(expected).max(axis=(1, 2)), 1.0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(expected).min(axis=(1, 2)), 0.0, atol=1e-6)
+
+
+def test_methods_at_one_layer_share_one_core_program(toy):
+  # The core (the model's forward and the head's vjp) compiles once per layer and input
+  # shape; each method adds only its small map program.
+  model, variables, images = toy
+  images = images[:2]  # a shape no other test compiles
+  before = gradcam._acts_and_grads._cache_size()
+  for name in gradcam.CAM_MAPS:
+    gradcam.METHODS[name](model, variables, images)
+    gradcam.METHODS[name](model, variables, images, raw=True)
+  assert gradcam._acts_and_grads._cache_size() == before + 1
 
 
 def test_method_formulas_on_hand_computed_arrays():
