@@ -355,6 +355,10 @@ class _LockstepWorker:
     self._stderr.close()
 
 
+# Pause before each lockstep turn (`run_lockstep`).
+LOCKSTEP_SETTLE_S = 0.5
+
+
 def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) -> list[dict]:
   """Runs the workers of `specs` side by side, taking turns at every timed repeat.
 
@@ -362,7 +366,13 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
   warm-up, so that no compilation shares a core with another process. Then, for each
   `time_calls` label (the workers must time the same labels in the same order), the
   parent asks for `repeats` timed repeats (`specs[0]['repeats']`), alternating the order
-  A B, B A, A B, ...; the worker that is not timing waits on its stdin. After a label
+  A B, B A, A B, ...; the worker that is not timing waits on its stdin. Each turn starts
+  `LOCKSTEP_SETTLE_S` after the one before it ended, so that the other worker's threads
+  have gone idle: PyTorch's OpenMP threads spin-wait after a parallel region. Without the
+  pause (ResNet101, two cores, batch 4, two runs each way) drjax's Grad-CAM was 3.64x and
+  3.63x pytorch-grad-cam and 0.96x and 0.88x its own forward; with it 3.71x and 3.75x,
+  0.95x and 0.94x (and 3.92x, 0.98x in a third run); with OMP_WAIT_POLICY=PASSIVE on the
+  PyTorch side and no pause, 4.24x and 0.98x. After a label
   each worker in turn is let go on to its next phase. Returns the workers' results, in
   the order of `specs`; if any worker fails or times out (`timeout_s` per spec), every
   result is an error naming it, since a half-measured pair is no comparison.
@@ -380,6 +390,7 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
         raise _WorkerError(f'workers out of step: they time {labels}')
       for i in range(specs[0]['repeats']):
         for worker in (workers if i % 2 == 0 else workers[::-1]):
+          time.sleep(LOCKSTEP_SETTLE_S)
           worker.send('go')
           worker.expect('timed', deadline)
       for k, worker in enumerate(workers):

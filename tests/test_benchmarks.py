@@ -60,6 +60,22 @@ def _who_ran_when(results):
   return ''.join(name for _, name in sorted(calls))
 
 
+@pytest.fixture(autouse=True)
+def no_settle(monkeypatch):
+  monkeypatch.setattr(common, 'LOCKSTEP_SETTLE_S', 0.0)
+
+
+def test_lockstep_turns_start_after_a_pause(worker_script, monkeypatch):
+  monkeypatch.setattr(common, 'LOCKSTEP_SETTLE_S', 0.3)
+  results = common.run_workers(worker_script, [_spec('A', labels=['f']), _spec('B', labels=['f'])],
+                               interleave=True, timeout_s=120)
+  assert [r.get('error') for r in results] == [None, None]
+  timed = sorted((t, r['framework']) for r in results for t in r['stamps'][1:])
+  assert ''.join(who for _, who in timed) == 'ABBAABBA'
+  gaps = [t1 - t0 for (t0, _), (t1, _) in itertools.pairwise(timed)]
+  assert min(gaps) >= 0.3
+
+
 def test_lockstep_takes_turns_and_warms_up_alone(worker_script):
   results = common.run_workers(worker_script, [_spec('A'), _spec('B')], interleave=True,
                                timeout_s=120)
