@@ -239,9 +239,10 @@ def activations_and_grads(model, variables, images, *, layer: str | Sequence[str
   return dict(acts=acts, grads=grads, logits=logits, scores=scores)
 
 
-def _core_inputs(variables, images, targets):
-  """-> (images checked and normalised, target_fn, cls, traced: inside a caller's jit)."""
-  images = prepare_images(images)
+def _core_inputs(variables, images, targets, image_size=None):
+  """-> (images checked, normalised and resized (`prepare_images`), target_fn, cls,
+  traced: inside a caller's jit)."""
+  images = prepare_images(images, image_size)
   target_fn, cls = _resolve_targets(targets, images.shape[0])
   traced = any(isinstance(a, jax.core.Tracer)
                for a in jax.tree.leaves((images, cls, variables)))
@@ -326,8 +327,7 @@ def postprocess(maps: Array, size: Sequence[int] | None = None, *, relu: bool = 
 def _gradient_cam(map_fn, model, variables, images, layer, targets, raw, image_size):
   size = tuple(images.shape[-3:-1])
   (name,) = resolve_layers(model, layer)
-  images, target_fn, cls, traced = _core_inputs(variables, prepare_images(images, image_size),
-                                                targets)
+  images, target_fn, cls, traced = _core_inputs(variables, images, targets, image_size)
   # The core program is shared by every method at this layer (one compile), the map and its
   # post-processing are one small program, and the warning reads its flag last, so that
   # nothing waits for the core before the map is dispatched.
