@@ -227,9 +227,9 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
     for m in methods:
       for layer in layers:
         key = f'{m}@{layer}'
-        if m == 'scorecam':
-          maps[key] = gradcam.scorecam(model, variables, x, layer=layer, targets=t)
-        out.setdefault(key, []).append(np.asarray(maps[key])[:n])
+        cam = (gradcam.scorecam(model, variables, x, layer=layer, targets=t)
+               if m == 'scorecam' else maps[key])
+        out.setdefault(key, []).append(np.asarray(cam)[:n])
     if fusion:
       key = f'{FUSION}@{"+".join(layers)}'
       out.setdefault(key, []).append(np.asarray(maps[key])[:n])

@@ -404,13 +404,16 @@ def test_cam_study_heatmaps_split_over_devices_equal_one_device(toy, monkeypatch
                       np.uint8)
   targets = np.array([0, 1, 2, 3, 4, 0, 1])
   got = cam_study.compute_heatmaps(model, variables, images, ('stage1', 'stage2'),
-                                   ('gradcam', 'layercam'), targets=targets, batch_size=6)
+                                   ('gradcam', 'layercam', 'scorecam'), targets=targets,
+                                   batch_size=6)
   assert seen == [(8, 4), (4, 4)]
   assert set(got) == {'gradcam@stage1', 'gradcam@stage2', 'layercam@stage1',
-                      'layercam@stage2', 'fusion@stage1+stage2', 'gradients@input'}
+                      'layercam@stage2', 'scorecam@stage1', 'scorecam@stage2',
+                      'fusion@stage1+stage2', 'gradients@input'}
   one = jax.devices()[0]
   x, v = jax.device_put(images, one), jax.device_put(variables, one)
-  for key, fn in (('gradcam@stage2', gradcam.gradcam), ('layercam@stage1', gradcam.layercam)):
+  for key, fn in (('gradcam@stage2', gradcam.gradcam), ('layercam@stage1', gradcam.layercam),
+                  ('scorecam@stage2', gradcam.scorecam)):
     want = fn(model, v, x, layer=key.split('@')[1], targets=targets)
     assert want.sharding.device_set == {one}
     np.testing.assert_allclose(got[key], want, atol=1e-5)
