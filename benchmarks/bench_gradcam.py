@@ -3,6 +3,7 @@
   python benchmarks/bench_gradcam.py --threads 1 --batch 4                  # densenet121
   python benchmarks/bench_gradcam.py --threads 1 --batch 4 --arch resnet101
   python benchmarks/bench_gradcam.py --quick                                # batch 2, 2 repeats
+  python benchmarks/bench_gradcam.py --device=gpu --batch 16                # on a GPU, fp32
 
 Each side runs in its own fresh process with the same thread limits as bench_train.py and
 bench_eval.py (benchmarks/common.py: pinned cores, one XLA/OpenMP thread per core), the two
@@ -20,7 +21,9 @@ per repeat as well as Grad-CAM against Grad-CAM:
   the model's own forward under `torch.no_grad()`.
 Random weights (timing does not depend on them), float32, 1000 classes (ImageNet heads,
 the target being each image's top class on both sides). Reported: median seconds per
-batch after warm-up, images/s, peak RSS of each process. Writes
+batch after warm-up, images/s, peak RSS of each process. On a GPU (`--device=gpu`) both
+sides run on it in float32, each repeat timing 10 calls; drjax's maps stay on the device
+(blocked on), pytorch-grad-cam's come back as numpy arrays, as each library returns them. Writes
 benchmarks/results/bench_gradcam_<arch>.json and prints the README table line.
 """
 
@@ -61,7 +64,8 @@ def _jax_worker(spec: dict) -> dict:
   timings = common.time_calls_together(
       {'forward': lambda: forward(variables, x).block_until_ready(),
        'gradcam': lambda: gradcam.gradcam(model, variables, x).block_until_ready()},
-      spec['warmup'], spec['repeats'], label='forward+gradcam')
+      spec['warmup'], spec['repeats'], label='forward+gradcam',
+      calls_per_repeat=spec['calls_per_repeat'])
 
   def flops(fn):
     cost = fn.lower(variables, x).compile().cost_analysis()
@@ -79,22 +83,26 @@ def _torch_worker(spec: dict) -> dict:
   import torchvision
   from pytorch_grad_cam import GradCAM
 
-  model = getattr(torchvision.models, spec['arch'])(weights=None).eval()
+  dev = torch.device('cuda' if spec['device'] == 'gpu' else 'cpu')
+  sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+  model = getattr(torchvision.models, spec['arch'])(weights=None).eval().to(dev)
   size = spec['image_size']
   x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
-  x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev)
 
   plain = copy.deepcopy(model)  # the forward without GradCAM's hooks
 
   def forward():
     with torch.no_grad():
       plain(x)
+    sync()
 
   with GradCAM(model=model, target_layers=[_TORCH_LAYER[spec['arch']](model)]) as cam:
     # As the drjax worker (lockstep pairs the workers by label and repeat).
     return common.time_calls_together(
         {'forward': forward, 'gradcam': lambda: cam(input_tensor=x, targets=None)},
-        spec['warmup'], spec['repeats'], label='forward+gradcam')
+        spec['warmup'], spec['repeats'], label='forward+gradcam',
+        calls_per_repeat=spec['calls_per_repeat'])
 
 
 def worker(spec: dict) -> dict:
@@ -121,6 +129,9 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--frameworks', default='jax,torch')
+  parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
+  parser.add_argument('--calls_per_repeat', type=int, default=None,
+                      help='Grad-CAM calls per timed repeat (default 1 on CPU, 10 on GPU)')
   parser.add_argument('--one_device_per_core', action='store_true',
                       help='drjax: one jax CPU device per core, the batch split over them')
   common.add_keep_freed_memory_flag(parser)
@@ -136,14 +147,18 @@ def main():
     return
   if args.quick:
     args.batch, args.warmup, args.repeats = 2, 1, 2
+  if args.device == 'gpu' and args.one_device_per_core:
+    parser.error('--one_device_per_core splits the CPU; it has no meaning with --device=gpu')
 
   threads = common.default_threads(args)
   specs = [dict(framework=framework, arch=args.arch, batch=args.batch,
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
                 repeats=args.repeats, keep_freed_memory=args.keep_freed_memory,
-                one_device_per_core=args.one_device_per_core)
+                one_device_per_core=args.one_device_per_core, device=args.device,
+                calls_per_repeat=args.calls_per_repeat or (10 if args.device == 'gpu' else 1))
            for framework in args.frameworks.split(',')]
-  print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} ({threads} threads"
+  print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} on {args.device} "
+        f"({threads or 'all'} threads"
         f"{', in lockstep' if common.in_lockstep(specs, args.interleave) else ''}) ...",
         flush=True)
   results = {}
@@ -168,7 +183,8 @@ def main():
       drjax_gradcam_over_own_forward_per_repeat=common.paired_summary(own_paired),
       pytorch_grad_cam_over_torch_forward=rate(theirs, 'gradcam') / rate(theirs, 'forward'))
   nan = float('nan')
-  where = f'{threads}' + (', freed memory kept' if args.keep_freed_memory else '') + \
+  where = f'{threads}' if args.device == 'cpu' else common.machine().get('gpu', 'GPU')
+  where += (', freed memory kept' if args.keep_freed_memory else '') + \
       (', a device per core' if args.one_device_per_core else '')
   line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
           f"{where} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
@@ -178,7 +194,8 @@ def main():
           f"{rate(theirs, 'forward'):.2f} | {ours.get('gradcam_over_forward_flops', nan):.3f} | "
           f"{ours.get('peak_rss_mib', nan):.0f} / {theirs.get('peak_rss_mib', nan):.0f} |")
   table = '\n'.join([
-      '| model, layer | input | batch | CPU threads | drjax Grad-CAM img/s | '
+      f"| model, layer | input | batch | {'CPU threads' if args.device == 'cpu' else 'GPU'} | "
+      'drjax Grad-CAM img/s | '
       'pytorch-grad-cam img/s | speedup | per lockstep pair: median (range) | '
       'drjax forward img/s | PyTorch forward img/s | '
       'Grad-CAM / forward FLOPs | peak RSS MiB (drjax / PyTorch) |',
@@ -186,7 +203,7 @@ def main():
   payload = dict(benchmark='bench_gradcam', args=vars(args), threads=threads,
                  machine=common.machine(), results=results, **summary, readme=table,
                  time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-  suffix = ('_quick' if args.quick else '') + \
+  suffix = ('_quick' if args.quick else '') + ('' if args.device == 'cpu' else '_gpu') + \
       ('_keep_freed_memory' if args.keep_freed_memory else '') + \
       ('_one_device_per_core' if args.one_device_per_core else '')
   path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)

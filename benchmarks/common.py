@@ -372,12 +372,14 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
   pause (ResNet101, two cores, batch 4, two runs each way) drjax's Grad-CAM was 3.64x and
   3.63x pytorch-grad-cam and 0.96x and 0.88x its own forward; with it 3.71x and 3.75x,
   0.95x and 0.94x (and 3.92x, 0.98x in a third run); with OMP_WAIT_POLICY=PASSIVE on the
-  PyTorch side and no pause, 4.24x and 0.98x. After a label
+  PyTorch side and no pause, 4.24x and 0.98x. On a GPU (`spec['device'] == 'gpu'`)
+  there is no pause: the work is on the card, and each turn ends synchronised. After a label
   each worker in turn is let go on to its next phase. Returns the workers' results, in
   the order of `specs`; if any worker fails or times out (`timeout_s` per spec), every
   result is an error naming it, since a half-measured pair is no comparison.
   """
   deadline = time.monotonic() + timeout_s * len(specs)
+  settle_s = 0.0 if specs[0].get('device') == 'gpu' else LOCKSTEP_SETTLE_S
   workers = []
   try:
     events = []
@@ -390,7 +392,7 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
         raise _WorkerError(f'workers out of step: they time {labels}')
       for i in range(specs[0]['repeats']):
         for worker in (workers if i % 2 == 0 else workers[::-1]):
-          time.sleep(LOCKSTEP_SETTLE_S)
+          time.sleep(settle_s)
           worker.send('go')
           worker.expect('timed', deadline)
       for k, worker in enumerate(workers):

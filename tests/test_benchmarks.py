@@ -76,6 +76,16 @@ def test_lockstep_turns_start_after_a_pause(worker_script, monkeypatch):
   assert min(gaps) >= 0.3
 
 
+def test_lockstep_turns_on_a_gpu_start_without_a_pause(worker_script, monkeypatch):
+  # The pause is for PyTorch's spinning CPU threads; on a GPU each turn ends synchronised.
+  monkeypatch.setattr(common, 'LOCKSTEP_SETTLE_S', 2.0)
+  specs = [_spec(name, labels=['f'], device='gpu') for name in 'AB']
+  results = common.run_workers(worker_script, specs, interleave=True, timeout_s=120)
+  assert [r.get('error') for r in results] == [None, None]
+  timed = sorted(t for r in results for t in r['stamps'][1:])
+  assert max(t1 - t0 for t0, t1 in itertools.pairwise(timed)) < 1.0
+
+
 def test_lockstep_takes_turns_and_warms_up_alone(worker_script):
   results = common.run_workers(worker_script, [_spec('A'), _spec('B')], interleave=True,
                                timeout_s=120)
