@@ -68,11 +68,12 @@ def referable_dr_target(logits: Array) -> Array:
 def _resolve_targets(targets: Targets, batch: int) -> tuple[Callable[[Array, Array], Array],
                                                             Array]:
   """-> (target_fn(logits [K], cls) -> scalar, cls int32 [B]; -1 = predicted class)."""
+  # The -1s are a host array: a jnp.full here costs an eager dispatch (~50 us) per call.
   if targets is None:
-    return class_score, jnp.full((batch,), -1, jnp.int32)
+    return class_score, np.full((batch,), -1, np.int32)
   if callable(targets):
     user_fn = targets
-    return _CallableTarget(user_fn), jnp.full((batch,), -1, jnp.int32)
+    return _CallableTarget(user_fn), np.full((batch,), -1, np.int32)
   cls = jnp.asarray(targets, jnp.int32)
   if cls.ndim == 0:
     cls = jnp.full((batch,), cls, jnp.int32)
@@ -169,8 +170,8 @@ def _zero_perturbations(model, variables, image_shape) -> dict:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'layers', 'target_fn', 'warn_in_graph'))
-def _acts_and_grads(model, variables, images, cls, *, layers, target_fn, warn_in_graph):
+@functools.partial(jax.jit, static_argnames=('model', 'layers', 'target_fn'))
+def _acts_and_grads(model, variables, images, cls, *, layers, target_fn):
   zeros = _zero_perturbations(model, variables, images.shape)
   missing = [n for n in layers if n not in zeros]
   if missing:
@@ -196,13 +197,22 @@ def _acts_and_grads(model, variables, images, cls, *, layers, target_fn, warn_in
   scores, dscores = jax.vmap(jax.value_and_grad(target_fn))(logits, cls)
   (grads,) = vjp_fn(dscores)
   is_zero = {n: jnp.all(grads[n] == 0, axis=(1, 2, 3)) for n in layers}
-  if warn_in_graph:
-    # Inside a caller's jit the warning needs a host callback. It costs a device-host
-    # sync (~8% of a DenseNet121 Grad-CAM at batch 4 on one core), so an eager call
-    # returns the flags and warns from Python instead.
-    for n in layers:
-      jax.debug.callback(functools.partial(_warn_if_zero, layer=n), is_zero[n])
   return acts, grads, logits, scores, is_zero
+
+
+def _warn_zero_grads(is_zero: dict[str, Array]) -> None:
+  """Warns for each image whose target gradient at a layer is all zero.
+
+  Called after the core has been dispatched. Eagerly it reads the flags; inside a
+  caller's jit (the flags are tracers) it adds a host callback to the caller's program.
+  A callback inside the core itself would cost every eager call a device-host sync
+  (~8% of a DenseNet121 Grad-CAM at batch 4 on one core).
+  """
+  for n, flags in is_zero.items():
+    if isinstance(flags, jax.core.Tracer):
+      jax.debug.callback(functools.partial(_warn_if_zero, layer=n), flags)
+    else:
+      _warn_if_zero(flags, layer=n)
 
 
 def _warn_if_zero(is_zero, layer):
@@ -229,24 +239,18 @@ def activations_and_grads(model, variables, images, *, layer: str | Sequence[str
     scores=[B] (target values)).
   """
   layers = resolve_layers(model, layer)
-  images, target_fn, cls, traced = _core_inputs(variables, images, targets)
+  images, target_fn, cls = _core_inputs(images, targets)
   acts, grads, logits, scores, is_zero = _acts_and_grads(
-      model, _clean(variables), images, cls, layers=layers, target_fn=target_fn,
-      warn_in_graph=traced)
-  if not traced:
-    for n in layers:
-      _warn_if_zero(is_zero[n], layer=n)
+      model, _clean(variables), images, cls, layers=layers, target_fn=target_fn)
+  _warn_zero_grads(is_zero)
   return dict(acts=acts, grads=grads, logits=logits, scores=scores)
 
 
-def _core_inputs(variables, images, targets, image_size=None):
-  """-> (images checked, normalised and resized (`prepare_images`), target_fn, cls,
-  traced: inside a caller's jit)."""
+def _core_inputs(images, targets, image_size=None):
+  """-> (images checked, normalised and resized (`prepare_images`), target_fn, cls)."""
   images = prepare_images(images, image_size)
   target_fn, cls = _resolve_targets(targets, images.shape[0])
-  traced = any(isinstance(a, jax.core.Tracer)
-               for a in jax.tree.leaves((images, cls, variables)))
-  return images, target_fn, cls, traced
+  return images, target_fn, cls
 
 
 # ----------------------------------------------------------------------------
@@ -327,16 +331,14 @@ def postprocess(maps: Array, size: Sequence[int] | None = None, *, relu: bool = 
 def _gradient_cam(map_fn, model, variables, images, layer, targets, raw, image_size):
   size = tuple(images.shape[-3:-1])
   (name,) = resolve_layers(model, layer)
-  images, target_fn, cls, traced = _core_inputs(variables, images, targets, image_size)
+  images, target_fn, cls = _core_inputs(images, targets, image_size)
   # The core program is shared by every method at this layer (one compile), the map and its
   # post-processing are one small program, and the warning reads its flag last, so that
   # nothing waits for the core before the map is dispatched.
   acts, grads, _, _, is_zero = _acts_and_grads(model, _clean(variables), images, cls,
-                                               layers=(name,), target_fn=target_fn,
-                                               warn_in_graph=traced)
+                                               layers=(name,), target_fn=target_fn)
   cam = _map_program(map_fn, acts[name], grads[name], size=None if raw else size)
-  if not traced:
-    _warn_if_zero(is_zero[name], layer=name)
+  _warn_zero_grads(is_zero)
   return cam
 
 
