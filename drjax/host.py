@@ -6,7 +6,7 @@ XLA's worker threads every allocation above 64 MiB, is a fresh `mmap` that is un
 again on `free`. So each step faults in, and the kernel zeroes, every page of every large
 activation again. VGG16's forward pass at 224 px and batch 64 touches about 12 GB of new
 pages per call: 2.98 million page faults, 9.5 s of kernel time in a 37 s step on one
-core (the README's Benchmarks section has the measurements).
+core (benchmarks/README.md has the measurements).
 
 `keep_freed_memory()` tells glibc to serve every allocation from one heap and to keep
 freed memory in it, so the next step reuses pages that are already mapped: the same step
@@ -119,7 +119,7 @@ def one_cpu_device_per_core() -> int:
   """Makes jax's CPU backend one device per core, for batches split across them.
 
   XLA:CPU runs many small convolutions on one thread (DenseNet121's 128 -> 32 and its
-  7x7-pixel 3x3s, the 7x7 stems; see the README's Benchmarks section), so one program
+  7x7-pixel 3x3s, the 7x7 stems; see benchmarks/README.md), so one program
   leaves the other cores idle for part of a forward pass. With a device per core
   (`jax_num_cpu_devices`, the cores of this process's affinity), a batch sharded over
   them on a `Mesh` runs as one program per device, side by side, sharing XLA's thread

@@ -30,7 +30,7 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 #
 # Every convolution of the ports goes through `conv_general_dilated` below, which
 # computes the same function as `lax.conv_general_dilated` in the way XLA:CPU runs
-# fastest. Measured at 1 thread (README, "Benchmarks"):
+# fastest. Measured at 1 thread (benchmarks/README.md):
 # - 3x3 stride-1 convolutions with 64 or more channels as Winograd F(2x2, 3x3),
 #   16 dots instead of 36 multiply-adds per channel pair (`winograd_conv3x3`,
 #   measurements there); with more than one thread also DenseNet's 128 -> 32
@@ -373,7 +373,7 @@ def relu(x: jnp.ndarray) -> jnp.ndarray:
   in depth (ResNet101's layer3 is 23 blocks), and the transposes that layer4's
   weight gradients read re-ran the whole chain (about 1.9 s of a 9.7 s train step).
   A select has two full-size operands, so XLA materialises it once. Measured on
-  ResNet101 (benchmarks/, README): train step 7.8 -> 5.7 s, forward about 10%
+  ResNet101 (benchmarks/README.md): train step 7.8 -> 5.7 s, forward about 10%
   faster. In VGG, max(x, 0) let XLA hand each run of conv + bias + ReLU + pool to
   YNNPACK as one large subgraph (3 for the whole network), which ran slower than
   one fusion per convolution: with the select, the VGG16 forward took 8.6-10.2 s
