@@ -37,6 +37,7 @@ def main(argv):
   from drjax import host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
+  host.enable_compilation_cache()  # the next run loads what this one compiles
   if FLAGS.one_device_per_core:
     count = host.one_cpu_device_per_core()  # before jax starts, too
     logging.info('--one_device_per_core: %s', f'{count} CPU devices' if count else

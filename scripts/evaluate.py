@@ -36,6 +36,7 @@ def main(argv):
   from drjax import host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
+  host.enable_compilation_cache()  # the next run loads what this one compiles
   from drjax import train
 
   report = train.evaluate_run(FLAGS.workdir, split=FLAGS.split,

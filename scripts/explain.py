@@ -31,6 +31,7 @@ def main(argv):
   from drjax import host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
+  host.enable_compilation_cache()  # the next run loads what this one compiles
   from drjax import cam_study, gradcam, train
 
   config, model, variables = train.load_run(FLAGS.workdir)

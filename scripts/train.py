@@ -50,6 +50,7 @@ def main(argv):
   from drjax import distributed, host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
+  host.enable_compilation_cache()  # the next run loads what this one compiles
 
   # Before anything touches a device.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

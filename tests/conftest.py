@@ -1,6 +1,9 @@
 """Test setup: several forced CPU devices, so that the sharded paths run on one machine."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere in the test session.
 _FLAGS = os.environ.get('XLA_FLAGS', '')
@@ -9,6 +12,11 @@ if 'xla_force_host_platform_device_count' not in _FLAGS:
 # No test downloads anything: drjax.weights.resolve never tries torchvision's URLs
 # (subprocesses inherit this).
 os.environ['DRJAX_NO_DOWNLOAD'] = '1'
+# The scripts keep compiled programs on disk (drjax.host.enable_compilation_cache); in tests,
+# in a folder of this session's own rather than the user's cache (subprocesses inherit it).
+if 'DRJAX_COMPILATION_CACHE' not in os.environ:
+  os.environ['DRJAX_COMPILATION_CACHE'] = tempfile.mkdtemp(prefix='drjax-test-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['DRJAX_COMPILATION_CACHE'], ignore_errors=True)
 
 import pathlib  # noqa: E402
 

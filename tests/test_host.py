@@ -123,3 +123,68 @@ def test_one_cpu_device_per_core_leaves_an_explicit_count_alone():
   out = _devices_probe('import jax; jax.devices(); ' + _DEVICES)
   assert out.stdout.split() == ['0', '1', cores]
   assert 'after jax started' in out.stderr
+
+
+# Compiles one small program after enable_compilation_cache() and prints the cache it
+# got and how many programs were loaded from it (jax's own cache-hit event).
+_CACHE_PROBE = r'''
+import jax, jax.numpy as jnp
+from drjax import host
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event == '/jax/compilation_cache/cache_hits'
+    else None)
+where = host.enable_compilation_cache()
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+print(where, len(hits))
+'''
+
+
+def _cache_probe(**settings) -> tuple[str, int]:
+  env = {k: v for k, v in os.environ.items() if k not in ('DRJAX_COMPILATION_CACHE',
+                                                          'JAX_COMPILATION_CACHE_DIR')}
+  env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **settings)
+  out = subprocess.run([sys.executable, '-c', _CACHE_PROBE], env=env, capture_output=True,
+                       text=True, check=True)
+  where, hits = out.stdout.split()
+  return where, int(hits)
+
+
+def test_compilation_cache_is_loaded_by_the_next_process(tmp_path):
+  cache = tmp_path / 'cache'
+  assert _cache_probe(DRJAX_COMPILATION_CACHE=str(cache)) == (str(cache), 0)
+  stored = sorted(p.name for p in cache.iterdir())
+  assert any(name.startswith('jit__lambda-') for name in stored), stored
+  # Every program the first process stored (the lambda, and jnp.ones' own), the second
+  # loads instead of compiling.
+  assert _cache_probe(DRJAX_COMPILATION_CACHE=str(cache)) == (str(cache), len(stored))
+
+
+def test_compilation_cache_default_folder_is_per_processor(tmp_path):
+  where, _ = _cache_probe(XDG_CACHE_HOME=str(tmp_path))
+  assert where == str(tmp_path / 'drjax' / 'xla' / host._processor_key())
+  folder = tmp_path / 'drjax' / 'xla'
+  assert [p.name for p in folder.iterdir()] == [host._processor_key()]
+  assert len(host._processor_key()) == 12
+
+
+def test_compilation_cache_can_be_switched_off(tmp_path):
+  assert _cache_probe(DRJAX_COMPILATION_CACHE='0', XDG_CACHE_HOME=str(tmp_path)) == ('None', 0)
+  assert not (tmp_path / 'drjax').exists()
+
+
+def test_compilation_cache_leaves_a_jax_cache_alone(tmp_path):
+  ours, theirs = tmp_path / 'ours', tmp_path / 'theirs'
+  assert _cache_probe(DRJAX_COMPILATION_CACHE=str(ours),
+                      JAX_COMPILATION_CACHE_DIR=str(theirs)) == (str(theirs), 0)
+  assert not ours.exists() and any(theirs.iterdir())
+
+
+def test_compilation_cache_in_an_impossible_folder_warns_and_compiles(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  env = dict(os.environ, DRJAX_COMPILATION_CACHE=str(blocker / 'cache'))
+  out = subprocess.run([sys.executable, '-c', _CACHE_PROBE], env=env, capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.split() == ['None', '0']
+  assert 'cannot create' in out.stderr
