@@ -250,7 +250,7 @@ def _gradient_maps(acts, grads, *, methods, layers, size, fusion):
                                               size)
           for m in methods for layer in layers}
   if fusion:
-    fused = gradcam.fuse_maps([gradcam.layercam_map(acts[k], grads[k]) for k in layers], size)
+    fused = gradcam.layercam_fusion(acts, grads, size)
     maps[f'{FUSION}@{"+".join(layers)}'] = gradcam.normalize(fused)
   return maps
 

@@ -418,9 +418,14 @@ def fusion(model, variables, images, *, layer=None, targets=None, raw=False, ima
     layer = default_fusion_layers(model)
   out = activations_and_grads(model, variables, prepare_images(images, image_size),
                               layer=layer, targets=targets)
-  fused = fuse_maps([layercam_map(out['acts'][n], out['grads'][n]) for n in out['acts']], size,
-                    gamma)
+  fused = layercam_fusion(out['acts'], out['grads'], size, gamma)
   return fused if raw else normalize(fused)
+
+
+def layercam_fusion(acts: dict[str, Array], grads: dict[str, Array], size: Sequence[int],
+                    gamma: float = 2.0) -> Array:
+  """`fuse_maps` of the LayerCAM maps of every layer in `acts` (and `grads`) -> `[B, H, W]`."""
+  return fuse_maps([layercam_map(acts[n], grads[n]) for n in acts], size, gamma)
 
 
 def fuse_maps(maps: Sequence[Array], size: Sequence[int], gamma: float = 2.0) -> Array:
