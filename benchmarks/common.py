@@ -484,6 +484,13 @@ def _f(x, spec: str) -> str:
   return 'n/a' if x is None else format(x, spec)
 
 
+def images_per_s_text(x: float | None) -> str:
+  """Three significant figures, never in exponent form: 10.2, 779, 2040."""
+  if x is None:
+    return 'n/a'
+  return f'{float(f"{x:.3g}"):.0f}' if abs(x) >= 1000 else f'{x:.3g}'
+
+
 def paired_text(summary: dict) -> str:
   """'1.31x (1.21-1.42)' from `paired_summary`'s fields; 'n/a' if not in lockstep."""
   if summary.get('paired_ratio_median') is None:
@@ -508,7 +515,8 @@ def readme_rows(what: str, rows: Sequence[dict], threads: int | None, device: st
       mem += (f" (device {_f(r['jax_peak_device_mib'], '.0f')} / "
               f"{_f(r['torch_peak_device_mib'], '.0f')})")
     lines.append(f"| {what} | {r['model']} | {r['batch_size']} | {r['precision']} | {where} | "
-                 f"{_f(r['jax_images_per_s'], '.3g')} | {_f(r['torch_images_per_s'], '.3g')} | "
+                 f"{images_per_s_text(r['jax_images_per_s'])} | "
+                 f"{images_per_s_text(r['torch_images_per_s'])} | "
                  f"{_f(r['ratio'], '.2f')}{'' if r['ratio'] is None else 'x'} | "
                  f"{paired_text(r)} | {mem} |"
                  + (' NOT THE SAME TRAINABLE PARAMETERS |' if r.get('same_trainable') is False

@@ -180,3 +180,8 @@ def test_paired_speedups_only_for_timings_taken_in_lockstep():
   alone = common.pair_rows([dict(ours, framework='jax', model='m', batch_size=2,
                                  images_per_s=1.0)])
   assert '| n/a | n/a |' in common.readme_rows('train', alone, 1, 'cpu')
+
+
+def test_images_per_s_text_never_uses_an_exponent():
+  assert [common.images_per_s_text(x) for x in (2037.7, 5414.6, 779.0, 10.04, 4.126, None)] == [
+      '2040', '5410', '779', '10', '4.13', 'n/a']
