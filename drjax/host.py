@@ -111,6 +111,10 @@ def keep_freed_memory() -> bool:
 
 
 CACHE_ENV_VAR = 'DRJAX_COMPILATION_CACHE'
+# The cache drjax sets up keeps at most this much, dropping the least recently used
+# programs first (jax's LRU eviction, which locks the folder with `filelock`). A
+# DenseNet121 run's four programs take about 4 MB.
+CACHE_MAX_BYTES = 2 << 30
 
 
 def default_compilation_cache_dir() -> pathlib.Path:
@@ -148,7 +152,8 @@ def enable_compilation_cache() -> str | None:
 
   drjax's scripts call it first thing. It leaves a cache the user set up for jax
   (`JAX_COMPILATION_CACHE_DIR` or `jax_compilation_cache_dir`) alone, and
-  `DRJAX_COMPILATION_CACHE=0` turns it off. Programs compiled before the call are not
+  `DRJAX_COMPILATION_CACHE=0` turns it off. It holds at most `CACHE_MAX_BYTES`, the
+  least recently used programs going first. Programs compiled before the call are not
   stored.
 
   Returns:
@@ -170,6 +175,8 @@ def enable_compilation_cache() -> str | None:
                     'compiling without a persistent cache.', path, e)
     return None
   jax.config.update('jax_compilation_cache_dir', str(path))
+  if jax.config.jax_compilation_cache_max_size == -1:  # jax's default: no limit
+    jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
   logging.info('Compiled programs are cached in %s (drjax.host; set %s=0 to turn this off).',
                path, CACHE_ENV_VAR)
   return str(path)

@@ -153,11 +153,23 @@ def _cache_probe(**settings) -> tuple[str, int]:
 def test_compilation_cache_is_loaded_by_the_next_process(tmp_path):
   cache = tmp_path / 'cache'
   assert _cache_probe(DRJAX_COMPILATION_CACHE=str(cache)) == (str(cache), 0)
-  stored = sorted(p.name for p in cache.iterdir())
+  stored = sorted(p.name for p in cache.iterdir() if p.name.endswith('-cache'))
   assert any(name.startswith('jit__lambda-') for name in stored), stored
   # Every program the first process stored (the lambda, and jnp.ones' own), the second
   # loads instead of compiling.
   assert _cache_probe(DRJAX_COMPILATION_CACHE=str(cache)) == (str(cache), len(stored))
+
+
+def test_compilation_cache_is_bounded(tmp_path):
+  # A cache smaller than one program keeps nothing: jax's LRU eviction is on.
+  call = 'where = host.enable_compilation_cache()'
+  probe = _CACHE_PROBE.replace(call, 'host.CACHE_MAX_BYTES = 100\n' + call)
+  env = dict(os.environ, DRJAX_COMPILATION_CACHE=str(tmp_path / 'cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.split() == [str(tmp_path / 'cache'), '0']
+  assert not [p for p in (tmp_path / 'cache').iterdir() if p.name.endswith('-cache')]
 
 
 def test_compilation_cache_default_folder_is_per_processor(tmp_path):
