@@ -33,6 +33,7 @@ worker's.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -224,14 +225,20 @@ def _lockstep_repeats(one_repeat: Callable[[], object], label: str) -> None:
   raise RuntimeError('lockstep: the parent closed stdin')
 
 
+_VERSIONED = ('numpy', 'jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision', 'grad-cam')
+
+
 def versions() -> dict:
-  """Versions of everything that can change a number."""
+  """Versions of everything that can change a number, from the installed packages' metadata.
+
+  Nothing is imported: a drjax worker that imported torch to ask would pay seconds of
+  start-up (and the reverse), and each worker records the other side's versions too.
+  """
   out = {'python': platform.python_version()}
-  for name in ('numpy', 'jax', 'jaxlib', 'flax', 'optax', 'torch', 'torchvision'):
+  for name in _VERSIONED:
     try:
-      module = __import__(name)
-      out[name] = getattr(module, '__version__', '?')
-    except ImportError:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
       pass
   return out
 

@@ -6,6 +6,7 @@ for every process), so the tests see exactly who ran when.
 
 import itertools
 import os
+import subprocess
 import sys
 
 import pytest
@@ -185,3 +186,14 @@ def test_paired_speedups_only_for_timings_taken_in_lockstep():
 def test_images_per_s_text_never_uses_an_exponent():
   assert [common.images_per_s_text(x) for x in (2037.7, 5414.6, 779.0, 10.04, 4.126, None)] == [
       '2040', '5410', '779', '10', '4.13', 'n/a']
+
+
+def test_versions_come_from_metadata_without_importing_the_frameworks():
+  probe = ('import sys; from benchmarks import common; v = common.versions(); '
+           'print(sorted(v), "torch" in sys.modules or "jax" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, check=True,
+                       cwd=common.REPO)
+  names, imported = out.stdout.rsplit(' ', 1)
+  assert imported.strip() == 'False'
+  for name in ('jax', 'flax', 'torch', 'torchvision', 'grad-cam', 'python'):
+    assert repr(name) in names
