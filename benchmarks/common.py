@@ -369,8 +369,10 @@ LOCKSTEP_SETTLE_S = 0.5
 def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) -> list[dict]:
   """Runs the workers of `specs` side by side, taking turns at every timed repeat.
 
-  The workers start one after another, each when the one before it has finished its
-  warm-up, so that no compilation shares a core with another process. Then, for each
+  On a CPU the workers start one after another, each when the one before it has
+  finished its warm-up, so that no compilation shares a core with another process; on a
+  GPU (`spec['device'] == 'gpu'`: the host has cores to spare, and warm-up is not timed)
+  they start together. Then, for each
   `time_calls` label (the workers must time the same labels in the same order), the
   parent asks for `repeats` timed repeats (`specs[0]['repeats']`), alternating the order
   A B, B A, A B, ...; the worker that is not timing waits on its stdin. Each turn starts
@@ -379,20 +381,25 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
   pause (ResNet101, two cores, batch 4, two runs each way) drjax's Grad-CAM was 3.64x and
   3.63x pytorch-grad-cam and 0.96x and 0.88x its own forward; with it 3.71x and 3.75x,
   0.95x and 0.94x (and 3.92x, 0.98x in a third run); with OMP_WAIT_POLICY=PASSIVE on the
-  PyTorch side and no pause, 4.24x and 0.98x. On a GPU (`spec['device'] == 'gpu'`)
-  there is no pause: the work is on the card, and each turn ends synchronised. After a label
+  PyTorch side and no pause, 4.24x and 0.98x. On a GPU there is no pause: the work is
+  on the card, and each turn ends synchronised. After a label
   each worker in turn is let go on to its next phase. Returns the workers' results, in
   the order of `specs`; if any worker fails or times out (`timeout_s` per spec), every
   result is an error naming it, since a half-measured pair is no comparison.
   """
   deadline = time.monotonic() + timeout_s * len(specs)
-  settle_s = 0.0 if specs[0].get('device') == 'gpu' else LOCKSTEP_SETTLE_S
+  on_gpu = specs[0].get('device') == 'gpu'
+  settle_s = 0.0 if on_gpu else LOCKSTEP_SETTLE_S
   workers = []
   try:
-    events = []
-    for spec in specs:
-      workers.append(_LockstepWorker(script, spec))
-      events.append(workers[-1].next_event(deadline))
+    if on_gpu:
+      workers = [_LockstepWorker(script, spec) for spec in specs]
+      events = [worker.next_event(deadline) for worker in workers]
+    else:
+      events = []
+      for spec in specs:
+        workers.append(_LockstepWorker(script, spec))
+        events.append(workers[-1].next_event(deadline))
     while all(kind == 'ready' for kind, _ in events):
       labels = [label for _, label in events]
       if len(set(labels)) != 1:

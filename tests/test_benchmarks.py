@@ -77,14 +77,17 @@ def test_lockstep_turns_start_after_a_pause(worker_script, monkeypatch):
   assert min(gaps) >= 0.3
 
 
-def test_lockstep_turns_on_a_gpu_start_without_a_pause(worker_script, monkeypatch):
+def test_lockstep_on_a_gpu_starts_together_and_does_not_pause(worker_script, monkeypatch):
   # The pause is for PyTorch's spinning CPU threads; on a GPU each turn ends synchronised.
   monkeypatch.setattr(common, 'LOCKSTEP_SETTLE_S', 2.0)
   specs = [_spec(name, labels=['f'], device='gpu') for name in 'AB']
   results = common.run_workers(worker_script, specs, interleave=True, timeout_s=120)
   assert [r.get('error') for r in results] == [None, None]
-  timed = sorted(t for r in results for t in r['stamps'][1:])
-  assert max(t1 - t0 for t0, t1 in itertools.pairwise(timed)) < 1.0
+  # B's process started before A's first (compiling) call had returned.
+  assert results[1]['started'] < results[0]['stamps'][0] + WARMUP_S
+  timed = sorted((t, r['framework']) for r in results for t in r['stamps'][1:])
+  assert ''.join(who for _, who in timed) == 'ABBAABBA'
+  assert max(t1 - t0 for (t0, _), (t1, _) in itertools.pairwise(timed)) < 1.0
 
 
 def test_lockstep_takes_turns_and_warms_up_alone(worker_script):
