@@ -117,15 +117,20 @@ CACHE_ENV_VAR = 'DRJAX_COMPILATION_CACHE'
 CACHE_MAX_BYTES = 2 << 30
 
 
+def cache_root() -> pathlib.Path:
+  """drjax's cache folder: `$DRJAX_CACHE`, else ~/.cache/drjax (converted weights, programs)."""
+  return pathlib.Path(os.environ.get('DRJAX_CACHE') or
+                      pathlib.Path.home() / '.cache' / 'drjax').expanduser()
+
+
 def default_compilation_cache_dir() -> pathlib.Path:
-  """`$XDG_CACHE_HOME` (else ~/.cache) /drjax/xla/<this processor>.
+  """`cache_root()`/xla/<this processor>.
 
   XLA:CPU compiles for the processor it runs on, and jax's cache key names the program,
   the versions and the flags but not the CPU's features, so each kind of processor gets
   its own folder (a home directory shared by machines of several kinds stays safe).
   """
-  root = pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache')
-  return root / 'drjax' / 'xla' / _processor_key()
+  return cache_root() / 'xla' / _processor_key()
 
 
 def _processor_key() -> str:

@@ -46,7 +46,7 @@ import numpy as np
 from flax import linen as nn
 from flax import serialization, traverse_util
 
-from drjax import models
+from drjax import host, models
 
 logger = logging.getLogger(__name__)
 
@@ -435,8 +435,7 @@ def _check_structure(arch: str, variables: Variables, what: str) -> None:
 
 def cache_dir() -> pathlib.Path:
   """drjax's cache of converted weights: $DRJAX_CACHE, else ~/.cache/drjax."""
-  return pathlib.Path(os.environ.get('DRJAX_CACHE') or
-                      pathlib.Path.home() / '.cache' / 'drjax').expanduser()
+  return host.cache_root()
 
 
 def torch_hub_checkpoint_dir() -> pathlib.Path:

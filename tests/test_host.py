@@ -173,7 +173,7 @@ def test_compilation_cache_is_bounded(tmp_path):
 
 
 def test_compilation_cache_default_folder_is_per_processor(tmp_path):
-  where, _ = _cache_probe(XDG_CACHE_HOME=str(tmp_path))
+  where, _ = _cache_probe(DRJAX_CACHE=str(tmp_path / 'drjax'))
   assert where == str(tmp_path / 'drjax' / 'xla' / host._processor_key())
   folder = tmp_path / 'drjax' / 'xla'
   assert [p.name for p in folder.iterdir()] == [host._processor_key()]
@@ -181,7 +181,8 @@ def test_compilation_cache_default_folder_is_per_processor(tmp_path):
 
 
 def test_compilation_cache_can_be_switched_off(tmp_path):
-  assert _cache_probe(DRJAX_COMPILATION_CACHE='0', XDG_CACHE_HOME=str(tmp_path)) == ('None', 0)
+  assert _cache_probe(DRJAX_COMPILATION_CACHE='0', DRJAX_CACHE=str(tmp_path / 'drjax')) == (
+      'None', 0)
   assert not (tmp_path / 'drjax').exists()
 
 
