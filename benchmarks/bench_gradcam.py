@@ -129,9 +129,7 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--frameworks', default='jax,torch')
-  parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
-  parser.add_argument('--calls_per_repeat', type=int, default=None,
-                      help='Grad-CAM calls per timed repeat (default 1 on CPU, 10 on GPU)')
+  common.add_device_flags(parser)
   parser.add_argument('--one_device_per_core', action='store_true',
                       help='drjax: one jax CPU device per core, the batch split over them')
   common.add_keep_freed_memory_flag(parser)
@@ -155,7 +153,7 @@ def main():
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
                 repeats=args.repeats, keep_freed_memory=args.keep_freed_memory,
                 one_device_per_core=args.one_device_per_core, device=args.device,
-                calls_per_repeat=args.calls_per_repeat or (10 if args.device == 'gpu' else 1))
+                calls_per_repeat=common.calls_per_repeat(args))
            for framework in args.frameworks.split(',')]
   print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} on {args.device} "
         f"({threads or 'all'} threads"

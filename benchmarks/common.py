@@ -556,20 +556,29 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                       help='cores for each side (default: all this process may use; CPU only)')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
+  add_device_flags(parser)
   parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
                       help='bf16: drjax bfloat16 compute with float32 master weights vs '
                            'PyTorch autocast(bfloat16) (AMP)')
   parser.add_argument('--frameworks', default='jax,torch')
   add_keep_freed_memory_flag(parser)
   add_interleave_flag(parser)
-  parser.add_argument('--calls_per_repeat', type=int, default=None,
-                      help='steps per timed repeat (default 1 on CPU, 10 on GPU)')
   parser.add_argument('--quick', action='store_true',
                       help='densenet121, batch 16, 2 warm-up + 3 timed steps (1-2 min)')
   parser.add_argument('--out_dir', default=None, help=f'JSON results (default {RESULTS_DIR})')
   parser.add_argument('--timeout_s', type=float, default=1800, help='per measurement')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
+  parser.add_argument('--calls_per_repeat', type=int, default=None,
+                      help='calls per timed repeat (default 1 on CPU, 10 on GPU)')
+
+
+def calls_per_repeat(args) -> int:
+  """--calls_per_repeat, else 1 on a CPU and 10 on a GPU, where a call takes milliseconds."""
+  return args.calls_per_repeat or (10 if args.device == 'gpu' else 1)
 
 
 def add_keep_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
@@ -610,8 +619,7 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
                 keep_freed_memory=args.keep_freed_memory, device=args.device,
                 precision=args.precision,
                 channels_last=getattr(args, 'torch_channels_last', False),
-                # GPU steps take milliseconds: time several per repeat.
-                calls_per_repeat=args.calls_per_repeat or (10 if args.device == 'gpu' else 1))
+                calls_per_repeat=calls_per_repeat(args))
            for m in args.models.split(',') for b in args.batch_sizes.split(',')
            for fw in args.frameworks.split(',')]
   groups = {}  # the frameworks of one (model, batch): one comparison
