@@ -223,7 +223,8 @@ def _warn_if_zero(is_zero, layer):
 
 
 def activations_and_grads(model, variables, images, *, layer: str | Sequence[str] | None = None,
-                          targets: Targets = None) -> dict[str, Any]:
+                          targets: Targets = None,
+                          image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
   """The shared core: a stage's activations and the target's gradient w.r.t. them.
 
   Args:
@@ -233,13 +234,14 @@ def activations_and_grads(model, variables, images, *, layer: str | Sequence[str
     layer: a stage name, a sequence of them (all from one pass), or None for
       `model.default_cam_layer`.
     targets: None (predicted class), int array `[B]`, or callable on logits `[K]`.
+    image_size: if set and different from the images', resize the images to it first.
 
   Returns:
     dict(acts={layer: [B, h, w, C]}, grads={layer: [B, h, w, C]}, logits=[B, K],
     scores=[B] (target values)).
   """
   layers = resolve_layers(model, layer)
-  images, target_fn, cls = _core_inputs(images, targets)
+  images, target_fn, cls = _core_inputs(images, targets, image_size)
   acts, grads, logits, scores, is_zero = _acts_and_grads(
       model, _clean(variables), images, cls, layers=layers, target_fn=target_fn)
   _warn_zero_grads(is_zero)
@@ -416,8 +418,8 @@ def fusion(model, variables, images, *, layer=None, targets=None, raw=False, ima
   size = images.shape[-3:-1]
   if layer is None:
     layer = default_fusion_layers(model)
-  out = activations_and_grads(model, variables, prepare_images(images, image_size),
-                              layer=layer, targets=targets)
+  out = activations_and_grads(model, variables, images, layer=layer, targets=targets,
+                              image_size=image_size)
   fused = layercam_fusion(out['acts'], out['grads'], size, gamma)
   return fused if raw else normalize(fused)
 

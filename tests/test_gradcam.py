@@ -220,6 +220,14 @@ def test_image_size_and_layout(toy):
   chex.assert_shape(maps, (3, 40, 40))
   raw = gradcam.gradcam(model, variables, big, image_size=SIZE, raw=True)
   chex.assert_shape(raw, (3, SIZE // 4, SIZE // 4))
+  core = gradcam.activations_and_grads(model, variables, big, image_size=SIZE)
+  chex.assert_shape(core['acts']['stage2'], (3, SIZE // 4, SIZE // 4, None))
+  chex.assert_shape(gradcam.fusion(model, variables, big, image_size=SIZE), (3, 40, 40))
+  chex.assert_trees_all_close(
+      gradcam.fusion(model, variables, big, image_size=SIZE, raw=True),
+      gradcam.layercam_fusion(*(gradcam.activations_and_grads(
+          model, variables, big, layer=gradcam.default_fusion_layers(model),
+          image_size=SIZE)[k] for k in ('acts', 'grads')), (40, 40)), atol=1e-6)
   with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
     gradcam.gradcam(model, variables, jnp.moveaxis(images, -1, 1))
   # uint8 images are normalised on the way in.
