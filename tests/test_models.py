@@ -423,7 +423,7 @@ def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
   assert str(jaxpr).count(' conv_general_dilated[') == 1
 
 
-W, WF = layers.winograd_conv3x3, layers._winograd_forward
+W, WF, WB = layers.winograd_conv3x3, layers._winograd_forward, layers._winograd_forward_banded
 
 
 @pytest.mark.parametrize('shape, dtype, threads, path', [
@@ -432,11 +432,15 @@ W, WF = layers.winograd_conv3x3, layers._winograd_forward
     ((2, 8, 8, 63, 64), jnp.float32, 2, None),
     ((1, 113, 112, 64, 64), jnp.float32, 2, None),  # above 112 x 112 pixels: slower
     ((2, 8, 8, 64, 64), jnp.bfloat16, 2, None),
-    # DenseNet's 128 -> 32: on one thread XLA's convolution is faster; with more, Winograd's
-    # dots (which use every thread) from 14 x 14 pixels up, with the direct gradients.
+    # DenseNet's 128 -> 32, with the direct gradients: from 28 x 28 pixels up a band of
+    # rows at a time; at 14 x 14 on one thread XLA's convolution, with more Winograd's
+    # dots (which use every thread) over the whole batch.
+    ((2, 28, 28, 128, 32), jnp.float32, 1, WB),
+    ((2, 56, 56, 128, 32), jnp.float32, 2, WB),
+    ((2, 28, 29, 128, 32), jnp.float32, 1, WB),
+    ((2, 27, 29, 128, 32), jnp.float32, 1, None),  # 783 pixels
     ((2, 14, 14, 128, 32), jnp.float32, 1, None),
     ((2, 14, 14, 128, 32), jnp.float32, 2, WF),
-    ((2, 56, 56, 128, 32), jnp.float32, 2, WF),
     ((2, 13, 14, 128, 32), jnp.float32, 2, None),
     ((2, 14, 14, 128, 31), jnp.float32, 2, None),
     ((2, 14, 14, 63, 32), jnp.float32, 2, None),
@@ -453,10 +457,12 @@ def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, threads,
   assert (jaxpr.count(' conv_general_dilated[') == 0) == (path is not None)
 
 
-def test_threaded_winograd_keeps_the_direct_convolutions_gradients(monkeypatch):
-  """DenseNet's 128 -> 32 on two threads: Winograd forward, `_conv_tap_grad`'s backward."""
-  monkeypatch.setattr(host, 'xla_cpu_threads', lambda: 2)
-  x = jax.random.normal(jax.random.key(0), (2, 14, 15, 128))
+@pytest.mark.parametrize('threads, height, width', [(2, 14, 15), (1, 28, 29)])
+def test_densenet_winograd_keeps_the_direct_convolutions_gradients(monkeypatch, threads,
+                                                                   height, width):
+  """DenseNet's 128 -> 32 (whole batch, banded): Winograd forward, `_conv_tap_grad`'s backward."""
+  monkeypatch.setattr(host, 'xla_cpu_threads', lambda: threads)
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 128))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 128, 32)) / np.sqrt(9 * 128)
   reference, ours = _lax_and_drjax_conv(1, 1)
   forward = str(jax.make_jaxpr(ours)(x, kernel))
@@ -479,13 +485,16 @@ def test_threaded_winograd_keeps_the_direct_convolutions_gradients(monkeypatch):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(jnp.abs(e).max()))
 
 
-@pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (5, 4), (6, 6)])
-def test_winograd_matches_lax_at_every_tile_remainder(height, width):
-  x = jax.random.normal(jax.random.key(0), (2, height, width, 8))
+@pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (5, 4), (6, 6), (7, 3)])
+@pytest.mark.parametrize('band_pixels', [None, 1, 12, 1000])
+def test_winograd_matches_lax_at_every_tile_and_band_remainder(height, width, band_pixels):
+  """The whole batch at once (None), or bands of 2 rows (1), 2 or 4 rows (12: 4 at 7x3,
+  two bands with a partial last one), or one image (1000)."""
+  x = jax.random.normal(jax.random.key(0), (3, height, width, 8))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 6))
   reference, _ = _lax_and_drjax_conv(1, 1)
-  np.testing.assert_allclose(layers.winograd_conv3x3(x, kernel), reference(x, kernel),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layers.winograd_conv3x3(x, kernel, band_pixels=band_pixels),
+                             reference(x, kernel), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('shape, stride, dtype, takes_tap_sum', [

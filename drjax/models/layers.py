@@ -221,8 +221,9 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 # 7x7x512; forward plus both gradients (jax's autodiff of the same ops) 1.7-1.8x
 # at 14-28 px and 1.2x at 7x7x512. Not taken where it was slower: 224x224x64
 # (0.93x; its 4x larger transformed input is 820 MB at batch 16) and, on one
-# thread, DenseNet's 128 -> 32 channels (0.5-0.9x: too few output channels for
-# the dots to pay for the transforms). Relative error against lax is about 2e-6
+# thread and over a whole batch, DenseNet's 128 -> 32 channels (0.5-0.9x: too few
+# output channels for the dots to pay for the transforms; a band of rows of one
+# image at a time is faster, `_winograd_path`). Relative error against lax is about 2e-6
 # in float32; bfloat16 keeps XLA's convolution. The cost is compile time: XLA:CPU
 # compiles each of the 16 dots as its own YNNPACK fusion (about 40 ms each), so
 # compiling the VGG16 forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to
@@ -233,8 +234,10 @@ _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_MAX_PIXELS = 112 * 112
-# DenseNet's 128 -> 32 convolutions, with more than one thread (see below).
-_WINOGRAD_THREADED_MIN_OUT_CHANNELS = 32
+# DenseNet's 128 -> 32 convolutions (see below).
+_WINOGRAD_NARROW_MIN_OUT_CHANNELS = 32
+_WINOGRAD_BANDED_MIN_PIXELS = 28 * 28
+_WINOGRAD_BAND_PIXELS = 28 * 56
 _WINOGRAD_THREADED_MIN_PIXELS = 14 * 14
 
 
@@ -242,14 +245,22 @@ def _winograd_path(x, kernel, strides, padding):
   """The Winograd function for this convolution, or None where XLA's was as fast or faster.
 
   `winograd_conv3x3` (its own gradients) with 64 or more input and output channels,
-  up to 112x112 pixels. With more than one thread (`host.xla_cpu_threads`) also 64 or
-  more input channels to 32 or more outputs at 14x14 pixels and up: XLA:CPU ran DenseNet's
-  128 -> 32 YNNPACK convolutions on one thread (10.7 ms on one core, 10.9 on two at
-  56x56, batch 4; its 128 -> 128 went 39 -> 21 ms), while the tile dots use every core.
-  Two cores, DenseNet121's forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms
-  (medians of 5 calls). On one core the same rule made it 10-15% slower (1238 ->
-  1348-1371 ms at batch 16), so there it is not taken. These take `_winograd_forward`:
-  Winograd's forward pass with the direct convolution's gradients.
+  up to 112x112 pixels. DenseNet's 128 -> 32 convolutions (64 or more input channels
+  to 32 or more outputs) take `_winograd_forward`, Winograd's forward pass with the
+  direct convolution's gradients:
+  - From 28x28 pixels up, a band of rows of one image at a time (`band_pixels`).
+    Over the whole batch at once, the 16 transformed tiles (4x the input) leave the
+    cache: one core, batch 8, 28x28, 7.6 against 5.6 ms for XLA's convolution, and
+    3.7-3.9 ms by image (56x56: 14.1 ms by half image against 20.3). DenseNet121's
+    forward at 224 px, one core, paired calls: 1.08x (batch 8) and 1.12x (batch 16)
+    faster than without Winograd, with compiling it 4.5 -> 7.3 s and 5.1 -> 9.5 s. Two
+    threads, batch 16: 1.09x and 1.10x faster than the whole batch at once.
+  - At 14x14 pixels, with more than one thread (`host.xla_cpu_threads`), the whole
+    batch at once: XLA:CPU ran these YNNPACK convolutions on one thread (10.7 ms on one
+    core, 10.9 on two at 56x56, batch 4), while the tile dots use every core. Two cores,
+    DenseNet121's forward: batch 4 269 -> 190 ms, batch 16 921 -> 822 ms (medians of 5
+    calls, with this rule from 14x14 up). On one thread 14x14 was no faster by image
+    (1.07x alone, no gain in the forward, 4 s more to compile).
   """
   kernel_h, kernel_w, in_channels, out_channels = kernel.shape
   pixels = x.shape[1] * x.shape[2]
@@ -260,8 +271,11 @@ def _winograd_path(x, kernel, strides, padding):
     return None
   if out_channels >= _WINOGRAD_MIN_CHANNELS:
     return winograd_conv3x3
-  if (out_channels >= _WINOGRAD_THREADED_MIN_OUT_CHANNELS
-      and pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1):
+  if out_channels < _WINOGRAD_NARROW_MIN_OUT_CHANNELS:
+    return None
+  if pixels >= _WINOGRAD_BANDED_MIN_PIXELS:
+    return _winograd_forward_banded
+  if pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1:
     return _winograd_forward
   return None
 
@@ -277,24 +291,61 @@ def _combine(parts, coefficients):
   return total
 
 
-def winograd_conv3x3(x, kernel, precision=None):
+def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   """NHWC x HWIO 3x3 convolution, stride 1, padding 1, as Winograd F(2x2, 3x3).
 
   The same function as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))`
   at any height and width (odd sizes pad the last tile), up to float32 rounding.
   Gradients are jax's autodiff of the same slices, sums and dots; what the backward
   pass keeps is the 16 transformed tiles (4x the input) instead of the input.
+
+  With `band_pixels`, a band of rows of one image at a time (`lax.map`), of about
+  that many output pixels (an even number of rows, at least 2), so that its
+  transformed tiles stay in cache (`_winograd_path`). Without, the whole batch at once.
   """
   batch, height, width, _ = x.shape
-  tiles_h, tiles_w = -(-height // 2), -(-width // 2)
-  # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
-  x = jnp.pad(x, ((0, 0), (1, 2 * tiles_h + 1 - height), (1, 2 * tiles_w + 1 - width), (0, 0)))
+  kernels = _winograd_kernels(kernel)
+  tiles_w = -(-width // 2)
+  if band_pixels is None:
+    # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
+    x = jnp.pad(x, ((0, 0), (1, 2 * -(-height // 2) + 1 - height),
+                    (1, 2 * tiles_w + 1 - width), (0, 0)))
+    return _winograd_tiles(x, kernels, precision)[:, :height, :width]
+  band = max(2, min(band_pixels // width, height + 1) // 2 * 2)
+  num_bands = -(-height // band)
+  # Band j reads rows j*band .. j*band + band + 1 of the input padded above and below.
+  # The columns are padded in each band's program, as part of its input transform:
+  # padded with the rows, DenseNet's 128 -> 32 at 28x28 took 5.8 against 3.3 ms (batch
+  # 8, one core). Over the whole batch, padding rows and columns apart was slower.
+  x = jnp.pad(x, ((0, 0), (1, num_bands * band + 1 - height), (0, 0), (0, 0)))
+
+  def one_band(index):
+    rows = lax.dynamic_slice_in_dim(x, index // num_bands, 1, axis=0)
+    rows = lax.dynamic_slice_in_dim(rows, (index % num_bands) * band, band + 2, axis=1)
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (1, 2 * tiles_w + 1 - width), (0, 0)))
+    return _winograd_tiles(rows, kernels, precision)[0, :, :width]
+
+  y = lax.map(one_band, jnp.arange(batch * num_bands))  # [batch * num_bands, band, W, Cout]
+  return y.reshape(batch, num_bands * band, width, -1)[:, :height]
+
+
+def _winograd_kernels(kernel):
+  """The 16 transformed kernels G k G^T, row-major, each [Cin, Cout]."""
+  kernel_rows = [_combine(list(kernel), g) for g in _WINOGRAD_G]  # G k
+  return [_combine(list(k), g) for k in kernel_rows for g in _WINOGRAD_G]  # (G k) GT
+
+
+def _winograd_tiles(x, kernels, precision):
+  """Winograd over a padded input: [B, 2 m + 2, 2 n + 2, Cin] -> [B, 2 m, 2 n, Cout].
+
+  Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of `x`.
+  """
+  batch, padded_height, padded_width, _ = x.shape
+  tiles_h, tiles_w = (padded_height - 2) // 2, (padded_width - 2) // 2
   rows = [x[:, i:i + 2 * tiles_h:2] for i in range(4)]  # [B, tiles_h, 2 tiles_w + 2, Cin]
   rows = [_combine(rows, bt) for bt in _WINOGRAD_BT]  # BT d
   tiles = [_combine([r[:, :, j:j + 2 * tiles_w:2] for j in range(4)], bt)  # (BT d) B
            for r in rows for bt in _WINOGRAD_BT]  # 16 x [B, tiles_h, tiles_w, Cin]
-  kernel_rows = [_combine(list(kernel), g) for g in _WINOGRAD_G]  # G k
-  kernels = [_combine(list(k), g) for k in kernel_rows for g in _WINOGRAD_G]  # (G k) GT
   # Each product is a 1x1 convolution of the tiles, so it takes `_pointwise_conv`'s
   # kernel gradient.
   products = [_pointwise_conv(t, k, precision)
@@ -305,34 +356,39 @@ def winograd_conv3x3(x, kernel, precision=None):
   out = [[_combine(r, at) for at in _WINOGRAD_AT] for r in out_rows]  # (AT m) A
   # out[p][q][b, r, c] is output pixel (2r + p, 2c + q).
   y = jnp.stack([jnp.stack(out_p, axis=3) for out_p in out], axis=2)
-  y = y.reshape(batch, 2 * tiles_h, 2 * tiles_w, kernel.shape[3])
-  return y[:, :height, :width]
+  return y.reshape(batch, 2 * tiles_h, 2 * tiles_w, kernels[0].shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _winograd_forward(x, kernel, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd_forward(x, kernel, precision, band_pixels=None):
   """Winograd's forward pass with the direct convolution's gradients (`_conv_tap_grad`).
 
-  For the convolutions only the threaded rule of `_winograd_path` gives Winograd
-  (DenseNet's 128 -> 32): its forward pass is faster there, its autodiff backward was
-  not, and compiling it is slow. DenseNet121, 224 px, batch 4, two cores, paired calls
+  For DenseNet's 128 -> 32 convolutions (`_winograd_path`), with `band_pixels` as
+  `winograd_conv3x3`'s: Winograd's forward pass is faster there, its autodiff backward
+  was not, and compiling it is slow. DenseNet121, 224 px, batch 4, two cores, paired calls
   in one process: the input gradient (Grad-CAM study's `gradients`, or training from a
   random init) took 521 ms this way, 628 ms with Winograd's own backward and 562 ms with
   no Winograd; compiling it 26 s, 53 s and 9.5 s. The forward pass is unchanged (194,
   204 and 245 ms).
   """
-  return winograd_conv3x3(x, kernel, precision)
+  return winograd_conv3x3(x, kernel, precision, band_pixels)
 
 
-def _winograd_forward_fwd(x, kernel, precision):
-  return winograd_conv3x3(x, kernel, precision), (x, kernel)
+def _winograd_forward_fwd(x, kernel, precision, band_pixels):
+  return winograd_conv3x3(x, kernel, precision, band_pixels), (x, kernel)
 
 
-def _winograd_forward_bwd(precision, residuals, dy):
+def _winograd_forward_bwd(precision, band_pixels, residuals, dy):
+  del band_pixels
   return _conv_tap_grad_bwd((1, 1), ((1, 1), (1, 1)), precision, residuals, dy)
 
 
 _winograd_forward.defvjp(_winograd_forward_fwd, _winograd_forward_bwd)
+
+
+def _winograd_forward_banded(x, kernel, precision):
+  """`_winograd_forward` a band of rows of one image at a time (see `_winograd_path`)."""
+  return _winograd_forward(x, kernel, precision, _WINOGRAD_BAND_PIXELS)
 
 
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
