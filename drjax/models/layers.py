@@ -248,13 +248,16 @@ def _winograd_path(x, kernel, strides, padding):
   up to 112x112 pixels. DenseNet's 128 -> 32 convolutions (64 or more input channels
   to 32 or more outputs) take `_winograd_forward`, Winograd's forward pass with the
   direct convolution's gradients:
-  - From 28x28 pixels up, a band of rows of one image at a time (`band_pixels`).
-    Over the whole batch at once, the 16 transformed tiles (4x the input) leave the
-    cache: one core, batch 8, 28x28, 7.6 against 5.6 ms for XLA's convolution, and
-    3.7-3.9 ms by image (56x56: 14.1 ms by half image against 20.3). DenseNet121's
-    forward at 224 px, one core, paired calls: 1.08x (batch 8) and 1.12x (batch 16)
-    faster than without Winograd, with compiling it 4.5 -> 7.3 s and 5.1 -> 9.5 s. Two
-    threads, batch 16: 1.09x and 1.10x faster than the whole batch at once.
+  - From 28x28 pixels up, a band of rows of one image at a time (`band_pixels`),
+    where the process has one CPU device. Over the whole batch at once, the 16
+    transformed tiles (4x the input) leave the cache: one core, batch 8, 28x28, 7.6
+    against 5.6 ms for XLA's convolution, and 3.7-3.9 ms by image (56x56: 14.1 ms by
+    half image against 20.3). DenseNet121's forward at 224 px, one core, paired calls:
+    1.03-1.06x (batch 2 and 4), 1.08-1.12x (8) and 1.12x (16) faster than without
+    Winograd, with compiling it 5.1 -> 9.5 s at batch 16. Two threads, batch 16:
+    1.09x and 1.10x faster than the whole batch at once. With a device per core
+    (`host.one_cpu_device_per_core`) the band loop made it slower: two cores, batch 4,
+    0.83x, and Grad-CAM 21.4 and 19.5 against 25.9 img/s in bench_gradcam.
   - At 14x14 pixels, with more than one thread (`host.xla_cpu_threads`), the whole
     batch at once: XLA:CPU ran these YNNPACK convolutions on one thread (10.7 ms on one
     core, 10.9 on two at 56x56, batch 4), while the tile dots use every core. Two cores,
@@ -273,7 +276,7 @@ def _winograd_path(x, kernel, strides, padding):
     return winograd_conv3x3
   if out_channels < _WINOGRAD_NARROW_MIN_OUT_CHANNELS:
     return None
-  if pixels >= _WINOGRAD_BANDED_MIN_PIXELS:
+  if pixels >= _WINOGRAD_BANDED_MIN_PIXELS and host.cpu_device_count() == 1:
     return _winograd_forward_banded
   if pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1:
     return _winograd_forward
