@@ -508,6 +508,13 @@ def test_winograd_matches_lax_at_every_tile_and_band_remainder(height, width, ba
                              reference(x, kernel), rtol=1e-5, atol=1e-5)
 
 
+def test_banded_winograd_takes_an_empty_batch():
+  x, kernel = jnp.zeros((0, 28, 28, 8)), jnp.zeros((3, 3, 8, 4))
+  assert layers.winograd_conv3x3(x, kernel, band_pixels=100).shape == (0, 28, 28, 4)
+  dx = jax.grad(lambda x: layers._winograd_forward_banded(x, kernel, None).sum())(x)
+  assert dx.shape == x.shape
+
+
 @pytest.mark.parametrize('shape, stride, dtype, takes_tap_sum', [
     ((2, 14, 13, 6), 2, jnp.float32, True),  # 7 x 7 output pixels
     ((2, 28, 28, 6), 2, jnp.float32, False),  # 14 x 14 output pixels: XLA's was as fast
