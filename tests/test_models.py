@@ -267,7 +267,7 @@ MAIN = {
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', sorted(MAIN))
 def test_parity_main(monkeypatch, arch):
-  # As in a process with one CPU device (this session has several, conftest), where
+  # As in a process with one CPU device (the test process has four, conftest), where
   # DenseNet121's 128 -> 32 convolutions take Winograd a band at a time (layers).
   monkeypatch.setattr(host, 'cpu_device_count', lambda: 1)
   stage, stage_module = MAIN[arch]
@@ -429,32 +429,31 @@ def test_conv_general_dilated_is_lax_off_cpu(monkeypatch):
 W, WF, WB = layers.winograd_conv3x3, layers._winograd_forward, layers._winograd_forward_banded
 
 
-@pytest.mark.parametrize('shape, dtype, threads, path', [
-    ((2, 8, 8, 64, 64), jnp.float32, 1, W),
-    ((2, 8, 8, 64, 64), jnp.float32, 2, W),
-    ((2, 8, 8, 63, 64), jnp.float32, 2, None),
-    ((1, 113, 112, 64, 64), jnp.float32, 2, None),  # above 112 x 112 pixels: slower
-    ((2, 8, 8, 64, 64), jnp.bfloat16, 2, None),
+# devices: the process's CPU devices; threads: each device's share of the cores.
+@pytest.mark.parametrize('shape, dtype, devices, threads, path', [
+    ((2, 8, 8, 64, 64), jnp.float32, 1, 1, W),
+    ((2, 8, 8, 64, 64), jnp.float32, 1, 2, W),
+    ((2, 8, 8, 63, 64), jnp.float32, 1, 2, None),
+    ((1, 113, 112, 64, 64), jnp.float32, 1, 2, None),  # above 112 x 112 pixels: slower
+    ((2, 8, 8, 64, 64), jnp.bfloat16, 1, 2, None),
     # DenseNet's 128 -> 32, with the direct gradients: from 28 x 28 pixels up a band of
     # rows at a time where the process has one device; at 14 x 14 on one thread XLA's
     # convolution, with more Winograd's dots (which use every thread) over the whole batch.
-    ((2, 28, 28, 128, 32), jnp.float32, 1, WB),
-    ((2, 56, 56, 128, 32), jnp.float32, 2, WB),
-    ((2, 28, 29, 128, 32), jnp.float32, 1, WB),
-    ((2, 27, 29, 128, 32), jnp.float32, 1, None),  # 783 pixels
-    ((2, 14, 14, 128, 32), jnp.float32, 1, None),
-    ((2, 14, 14, 128, 32), jnp.float32, 2, WF),
-    ((2, 13, 14, 128, 32), jnp.float32, 2, None),
+    ((2, 28, 28, 128, 32), jnp.float32, 1, 1, WB),
+    ((2, 56, 56, 128, 32), jnp.float32, 1, 2, WB),
+    ((2, 28, 29, 128, 32), jnp.float32, 1, 1, WB),
+    ((2, 27, 29, 128, 32), jnp.float32, 1, 1, None),  # 783 pixels
+    ((2, 14, 14, 128, 32), jnp.float32, 1, 1, None),
+    ((2, 14, 14, 128, 32), jnp.float32, 1, 2, WF),
+    ((2, 13, 14, 128, 32), jnp.float32, 1, 2, None),
     # A device per core: each device's program on one thread keeps XLA's convolution.
-    ((2, 56, 56, 128, 32), jnp.float32, '1 of 2 devices', None),
-    ((2, 56, 56, 128, 32), jnp.float32, '2 of 2 devices', WF),
-    ((2, 14, 14, 128, 31), jnp.float32, 2, None),
-    ((2, 14, 14, 63, 32), jnp.float32, 2, None),
+    ((2, 56, 56, 128, 32), jnp.float32, 2, 1, None),
+    ((2, 56, 56, 128, 32), jnp.float32, 2, 2, WF),
+    ((2, 14, 14, 128, 31), jnp.float32, 1, 2, None),
+    ((2, 14, 14, 63, 32), jnp.float32, 1, 2, None),
 ])
-def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, threads, path):
-  devices = 1  # the test session has several (conftest)
-  if isinstance(threads, str):  # 'threads of devices'
-    threads, devices = int(threads.split()[0]), int(threads.split()[2])
+def test_winograd_only_where_measured_faster(monkeypatch, shape, dtype, devices, threads,
+                                             path):
   monkeypatch.setattr(host, 'cpu_device_count', lambda: devices)
   monkeypatch.setattr(host, 'xla_cpu_threads', lambda: threads)
   batch, height, width, in_channels, out_channels = shape
