@@ -323,8 +323,8 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   x = jnp.pad(x, ((0, 0), (1, num_bands * band + 1 - height), (0, 0), (0, 0)))
 
   def one_band(index):
-    rows = lax.dynamic_slice_in_dim(x, index // num_bands, 1, axis=0)
-    rows = lax.dynamic_slice_in_dim(rows, (index % num_bands) * band, band + 2, axis=1)
+    rows = lax.dynamic_slice(x, (index // num_bands, (index % num_bands) * band, 0, 0),
+                             (1, band + 2, width, x.shape[3]))
     rows = jnp.pad(rows, ((0, 0), (0, 0), (1, 2 * tiles_w + 1 - width), (0, 0)))
     return _winograd_tiles(rows, kernels, precision)[0, :, :width]
 
