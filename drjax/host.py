@@ -208,9 +208,8 @@ def one_cpu_device_per_core() -> int:
   leaves the other cores idle for part of a forward pass. With a device per core
   (`jax_num_cpu_devices`, the cores of this process's affinity), a batch sharded over
   them on a `Mesh` runs as one program per device, side by side, sharing XLA's thread
-  pool. Each device's program is traced for its share of the cores (`xla_cpu_threads`),
-  so with one core each DenseNet's 128 -> 32 convolutions stay XLA's, not the threaded
-  Winograd path. Two cores, DenseNet121's forward at 224 px, batch split over two
+  pool. Each device's program is traced for its share of the cores (`xla_cpu_threads`).
+  Two cores, DenseNet121's forward at 224 px, batch split over two
   devices against one device with every core, paired calls in one process: 1.11x
   faster at batch 4 and 1.23x at batch 16, compiled in 5.0-5.2 s against 14.8-17.1 s;
   the CAM study's core and input gradients compiled and ran first in 25-26 s against

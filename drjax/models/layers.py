@@ -7,6 +7,7 @@ at any input size torchvision accepts.
 """
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -222,8 +223,8 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 # at 14-28 px and 1.2x at 7x7x512. Not taken where it was slower: 224x224x64
 # (0.93x; its 4x larger transformed input is 820 MB at batch 16) and, on one
 # thread and over a whole batch, DenseNet's 128 -> 32 channels (0.5-0.9x: too few
-# output channels for the dots to pay for the transforms; a band of rows of one
-# image at a time is faster, `_winograd_path`). Relative error against lax is about 2e-6
+# output channels for the dots to pay for the transforms; a band of rows at a
+# time is faster, `_winograd_path`). Relative error against lax is about 2e-6
 # in float32; bfloat16 keeps XLA's convolution. The cost is compile time: XLA:CPU
 # compiles each of the 16 dots as its own YNNPACK fusion (about 40 ms each), so
 # compiling the VGG16 forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to
@@ -248,16 +249,16 @@ def _winograd_path(x, kernel, strides, padding):
   up to 112x112 pixels. DenseNet's 128 -> 32 convolutions (64 or more input channels
   to 32 or more outputs) take `_winograd_forward`, Winograd's forward pass with the
   direct convolution's gradients:
-  - From 28x28 pixels up, a band of rows of one image at a time (`band_pixels`),
-    where the process has one CPU device. Over the whole batch at once, the 16
-    transformed tiles (4x the input) leave the cache: one core, batch 8, 28x28, 7.6
-    against 5.6 ms for XLA's convolution, and 3.7-3.9 ms by image (56x56: 14.1 ms by
-    half image against 20.3). DenseNet121's forward at 224 px, one core, paired calls:
-    1.03-1.06x (batch 2 and 4), 1.08-1.12x (8) and 1.12x (16) faster than without
-    Winograd, with compiling it 5.1 -> 9.5 s at batch 16. Two threads, batch 16:
-    1.09x and 1.10x faster than the whole batch at once. With a device per core
-    (`host.one_cpu_device_per_core`) the band loop made it slower: two cores, batch 4,
-    0.83x, and Grad-CAM 21.4 and 19.5 against 25.9 img/s in bench_gradcam.
+  - From 28x28 pixels up, a band of rows of the batch at a time (`band_pixels`). Over
+    the whole batch at once, the 16 transformed tiles (4x the input) leave the cache:
+    one core, batch 8, 28x28, 7.6 against 5.6 ms for XLA's convolution, and 3.5 ms a
+    band at a time (56x56, batch 16: 29-31 against 37 ms). DenseNet121's forward at
+    224 px, one core, paired calls: 1.03-1.06x (batch 2 and 4), 1.08-1.12x (8) and
+    1.12x (16) faster than without Winograd, with compiling it 5.1 -> 9.5 s at batch
+    16. Two threads, batch 16: 1.09x and 1.10x faster than the whole batch at once.
+    With a device per core (`host.one_cpu_device_per_core`), batch 4 split over two:
+    the forward 1.10x and Grad-CAM 1.15x faster than XLA's convolution (paired calls).
+    The bands span the batch axis, which is what lets a sharded batch stay sharded.
   - At 14x14 pixels, with more than one thread (`host.xla_cpu_threads`), the whole
     batch at once: XLA:CPU ran these YNNPACK convolutions on one thread (10.7 ms on one
     core, 10.9 on two at 56x56, batch 4), while the tile dots use every core. Two cores,
@@ -276,7 +277,7 @@ def _winograd_path(x, kernel, strides, padding):
     return winograd_conv3x3
   if out_channels < _WINOGRAD_NARROW_MIN_OUT_CHANNELS:
     return None
-  if pixels >= _WINOGRAD_BANDED_MIN_PIXELS and host.cpu_device_count() == 1:
+  if pixels >= _WINOGRAD_BANDED_MIN_PIXELS:
     return _winograd_forward_banded
   if pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1:
     return _winograd_forward
@@ -302,34 +303,40 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   Gradients are jax's autodiff of the same slices, sums and dots; what the backward
   pass keeps is the 16 transformed tiles (4x the input) instead of the input.
 
-  With `band_pixels`, a band of rows of one image at a time (`lax.map`), of about
-  that many output pixels (an even number of rows, at least 2), so that its
-  transformed tiles stay in cache (`_winograd_path`). Without, the whole batch at once.
+  With `band_pixels`, a band of rows of the whole batch at a time (`lax.map`), of about
+  that many output pixels, so that its transformed tiles stay in cache
+  (`_winograd_path`); the batch axis stays whole, so a batch sharded over devices
+  stays sharded. Without, the whole batch at once.
   """
   batch, height, width, _ = x.shape
   kernels = _winograd_kernels(kernel)
   tiles_w = -(-width // 2)
-  if band_pixels is None or batch == 0:  # (lax.map would slice an image out of none)
+  if band_pixels is None or batch == 0:
     # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
     x = jnp.pad(x, ((0, 0), (1, 2 * -(-height // 2) + 1 - height),
                     (1, 2 * tiles_w + 1 - width), (0, 0)))
     return _winograd_tiles(x, kernels, precision)[:, :height, :width]
-  band = max(2, min(band_pixels // width, height + 1) // 2 * 2)
-  num_bands = -(-height // band)
+  num_bands = _num_bands(-(-height // 2), batch * height * width / band_pixels)
+  band = 2 * (-(-height // 2) // num_bands)
   # Band j reads rows j*band .. j*band + band + 1 of the input padded above and below.
   # The columns are padded in each band's program, as part of its input transform:
   # padded with the rows, DenseNet's 128 -> 32 at 28x28 took 5.8 against 3.3 ms (batch
   # 8, one core). Over the whole batch, padding rows and columns apart was slower.
   x = jnp.pad(x, ((0, 0), (1, num_bands * band + 1 - height), (0, 0), (0, 0)))
 
-  def one_band(index):
-    rows = lax.dynamic_slice(x, (index // num_bands, (index % num_bands) * band, 0, 0),
-                             (1, band + 2, width, x.shape[3]))
+  def one_band(j):
+    rows = lax.dynamic_slice_in_dim(x, j * band, band + 2, axis=1)
     rows = jnp.pad(rows, ((0, 0), (0, 0), (1, 2 * tiles_w + 1 - width), (0, 0)))
-    return _winograd_tiles(rows, kernels, precision)[0, :, :width]
+    return _winograd_tiles(rows, kernels, precision)[:, :, :width]
 
-  y = lax.map(one_band, jnp.arange(batch * num_bands))  # [batch * num_bands, band, W, Cout]
-  return y.reshape(batch, num_bands * band, width, -1)[:, :height]
+  y = lax.map(one_band, jnp.arange(num_bands))  # [num_bands, batch, band, W, Cout]
+  return jnp.moveaxis(y, 0, 1).reshape(batch, num_bands * band, width, -1)[:, :height]
+
+
+def _num_bands(tile_rows: int, wanted: float) -> int:
+  """The divisor of `tile_rows` nearest `wanted` (by ratio), so that bands pad nothing."""
+  divisors = [d for d in range(1, tile_rows + 1) if tile_rows % d == 0]
+  return min(divisors, key=lambda d: abs(math.log(d / max(wanted, 1.0))))
 
 
 def _winograd_kernels(kernel):
@@ -390,7 +397,7 @@ _winograd_forward.defvjp(_winograd_forward_fwd, _winograd_forward_bwd)
 
 
 def _winograd_forward_banded(x, kernel, precision):
-  """`_winograd_forward` a band of rows of one image at a time (see `_winograd_path`)."""
+  """`_winograd_forward` a band of rows of the batch at a time (see `_winograd_path`)."""
   return _winograd_forward(x, kernel, precision, _WINOGRAD_BAND_PIXELS)
 
 
