@@ -13,14 +13,6 @@ freed memory in it, so the next step reuses pages that are already mapped: the s
 then has no page faults. The price is that the process keeps its high-water mark of host
 memory until it exits.
 
-With several CPU devices (`one_cpu_device_per_core`), whose programs run side by side on
-threads of their own, one heap made them slower: DenseNet121's Grad-CAM at 224 px, batch 4
-split over two cores, ran at 27.9-29.8 img/s with one heap against 31.4 and 34.7 with a
-heap per thread (freed memory kept in each) and 31.2-34.5 with glibc's defaults
-(bench_gradcam, four runs of each; batch 8: 28.3 against 31.0). Why was not established.
-So with several devices each thread keeps a heap of its own. A thread's heap holds blocks
-of up to 64 MiB; a larger block is mapped afresh each time, as by default.
-
 It must run before jax starts its CPU client (the first jax computation or device
 query), because XLA's threads take their malloc arena when they start. drjax's scripts
 call it first thing; a notebook or your own script calls it before touching jax:
@@ -60,10 +52,6 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 # Largest trim threshold glibc accepts (an int); the heap is never given back below it.
 _NEVER_TRIM = 2**31 - 1
-# glibc's own limit on 64-bit systems: 8 heaps (arenas) per core.
-_ARENAS_PER_CORE = 8
-
-_kept_freed_memory = False  # keep_freed_memory() applied in this process
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -109,24 +97,17 @@ def keep_freed_memory() -> bool:
         'XLA\'s threads keep their own malloc arenas, so it is not applied. Call it '
         'before the first jax computation.')
     return False
-  # One arena (with one CPU device): the main heap is the only one that can hold chunks
-  # above 64 MiB instead of mapping each of them separately. No mmap: every chunk comes
-  # from a heap. Never trim: freed memory stays mapped for the next step.
+  # One arena: the main heap is the only one that can hold chunks above 64 MiB instead of
+  # mapping each of them separately. No mmap: every chunk comes from that heap. Never
+  # trim: freed memory stays mapped for the next step.
   ok = all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, _arena_max()), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
   if ok:
-    global _kept_freed_memory
-    _kept_freed_memory = True
     logging.info('glibc malloc now keeps freed memory for reuse (drjax.host; set %s=0 to '
                  'turn this off).', ENV_VAR)
   else:
     logging.warning('drjax.host.keep_freed_memory(): glibc refused a mallopt setting.')
   return ok
-
-
-def _arena_max() -> int:
-  """One heap for one CPU device; with several, a heap per thread (module docstring)."""
-  return 1 if cpu_device_count() == 1 else _ARENAS_PER_CORE * _cores()
 
 
 CACHE_ENV_VAR = 'DRJAX_COMPILATION_CACHE'
@@ -238,11 +219,9 @@ def one_cpu_device_per_core() -> int:
   120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
   5.1 s).
 
-  Like `keep_freed_memory` it must run before jax starts its CPU client, and before or
-  after it: with several devices freed memory is kept in a heap per thread (see the
-  module docstring). It leaves an explicit choice alone
-  (`--xla_force_host_platform_device_count` in XLA_FLAGS, `JAX_NUM_CPU_DEVICES` or
-  `jax_num_cpu_devices`).
+  Like `keep_freed_memory` it must run before jax starts its CPU client. It leaves an
+  explicit choice alone (`--xla_force_host_platform_device_count` in XLA_FLAGS,
+  `JAX_NUM_CPU_DEVICES` or `jax_num_cpu_devices`).
 
   Returns:
     The number of CPU devices asked for, or 0 if nothing was changed (a choice already
@@ -255,13 +234,9 @@ def one_cpu_device_per_core() -> int:
                     'CPU client; its device count is fixed. Call it before the first jax '
                     'computation.')
     return 0
-  count = _cores()
-  if count > 1 and _kept_freed_memory:
-    # Before importing jax: a thread fixes glibc's heap limit at its first allocation.
-    if _glibc().mallopt(_M_ARENA_MAX, _ARENAS_PER_CORE * count) != 1:
-      logging.warning('drjax.host.one_cpu_device_per_core(): glibc refused a mallopt setting.')
   import jax  # only here: this module otherwise imports no framework
 
+  count = _cores()
   jax.config.update('jax_num_cpu_devices', count)
   return count
 

@@ -125,39 +125,6 @@ def test_one_cpu_device_per_core_leaves_an_explicit_count_alone():
   assert 'after jax started' in out.stderr
 
 
-# As scripts/cam_study.py starts, then a program on every device; glibc's malloc_stats()
-# prints one 'Arena N:' block per heap to stderr.
-_HEAPS = r'''
-import ctypes, os
-{pin}
-from drjax import host
-host.keep_freed_memory(); host.enable_compilation_cache(); host.one_cpu_device_per_core()
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-mesh = Mesh(np.array(jax.devices()), ('data',))
-x = jax.device_put(np.ones((8 * len(jax.devices()), 256), np.float32),
-                   NamedSharding(mesh, P('data')))
-for _ in range(5):
-  jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(x).block_until_ready()
-print(len(jax.devices()), flush=True)
-ctypes.CDLL('libc.so.6').malloc_stats()
-'''
-
-
-@glibc_only
-@pytest.mark.skipif(not hasattr(os, 'sched_getaffinity') or len(os.sched_getaffinity(0)) < 2,
-                    reason='needs two cores and CPU affinity (Linux)')
-def test_freed_memory_is_kept_in_a_heap_per_thread_with_a_device_per_core(tmp_path):
-  def heaps(pin=''):
-    out = _devices_probe(_HEAPS.format(pin=pin), DRJAX_COMPILATION_CACHE=str(tmp_path))
-    return int(out.stdout), out.stderr.count('Arena ')
-
-  devices, count = heaps()
-  assert devices >= 2 and count > 1
-  first = min(os.sched_getaffinity(0))
-  assert heaps(f'os.sched_setaffinity(0, {{{first}}})') == (1, 1)  # one device: one heap
-
-
 # Compiles one small program after enable_compilation_cache() and prints the cache it
 # got and how many programs were loaded from it (jax's own cache-hit event).
 _CACHE_PROBE = r'''
