@@ -251,14 +251,17 @@ def _winograd_path(x, kernel, strides, padding):
   direct convolution's gradients:
   - From 28x28 pixels up, a band of rows of the batch at a time (`band_pixels`). Over
     the whole batch at once, the 16 transformed tiles (4x the input) leave the cache:
-    one core, batch 8, 28x28, 7.6 against 5.6 ms for XLA's convolution, and 3.5 ms a
-    band at a time (56x56, batch 16: 29-31 against 37 ms). DenseNet121's forward at
+    one core, batch 8, 28x28, 7.6 against 5.6 ms for XLA's convolution, and 3.4-3.6 ms
+    a band at a time (56x56, batch 16: 30.8 against 37.3 ms). DenseNet121's forward at
     224 px, one core, paired calls: 1.03-1.06x (batch 2 and 4), 1.08-1.12x (8) and
     1.12x (16) faster than without Winograd, with compiling it 5.1 -> 9.5 s at batch
-    16. Two threads, batch 16: 1.09x and 1.10x faster than the whole batch at once.
-    With a device per core (`host.one_cpu_device_per_core`), batch 4 split over two:
-    the forward 1.10x and Grad-CAM 1.15x faster than XLA's convolution (paired calls).
-    The bands span the batch axis, which is what lets a sharded batch stay sharded.
+    16; two threads, batch 16: 1.09x and 1.10x faster than the whole batch at once
+    (both measured with bands of one image, which the table's Grad-CAM ran at the same
+    speed: 17.86 and 17.97 against 17.90 and 17.94 img/s). The bands span the batch
+    axis so that a batch sharded over devices stays sharded: bands of one image made
+    XLA's SPMD partitioner gather the batch onto every device. With a device per core
+    (`host.one_cpu_device_per_core`), batch 4 split over two, paired calls: the
+    forward 1.10x and Grad-CAM 1.02-1.14x faster than XLA's convolution.
   - At 14x14 pixels, with more than one thread (`host.xla_cpu_threads`), the whole
     batch at once: XLA:CPU ran these YNNPACK convolutions on one thread (10.7 ms on one
     core, 10.9 on two at 56x56, batch 4), while the tile dots use every core. Two cores,
