@@ -489,8 +489,8 @@ def test_densenet_winograd_keeps_the_direct_convolutions_gradients(monkeypatch, 
 @pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (5, 4), (6, 6), (7, 3)])
 @pytest.mark.parametrize('band_pixels', [None, 1, 30, 1000])
 def test_winograd_matches_lax_at_every_tile_and_band_remainder(height, width, band_pixels):
-  """The whole batch at once (None), or bands of 2 rows (1), of 2 rows or more (30: 7x3
-  takes 2 bands of 4 rows, its last row padding), or one band (1000)."""
+  """The whole batch at once (None), bands of 2 rows of one image (1), of 2 rows or more
+  of all three (30: 7x3 takes 2 bands of 4 rows, its last row padding), or one band (1000)."""
   x = jax.random.normal(jax.random.key(0), (3, height, width, 8))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 6))
   reference, _ = _lax_and_drjax_conv(1, 1)
@@ -502,10 +502,12 @@ def test_winograd_matches_lax_at_every_tile_and_band_remainder(height, width, ba
     (14, 2.0, 2), (14, 4.0, 7), (14, 0.3, 1), (14, 100.0, 14), (28, 8.0, 7),
     (7, 2.6, 1), (7, 2.7, 7)])  # 7 rows of tiles: 1 or 7 bands, either side of sqrt(7)
 def test_band_count_is_the_divisor_nearest_the_wanted_count(tile_rows, wanted, num_bands):
-  assert layers._num_bands(tile_rows, wanted) == num_bands
+  assert layers._nearest_divisor(tile_rows, wanted) == num_bands
 
 
-def test_banded_winograd_keeps_a_sharded_batch_sharded():
+# (batch, band_pixels): bands of rows of the whole batch; bands of 2 rows of 4 groups of 2.
+@pytest.mark.parametrize('batch, band_pixels', [(4, 28 * 14), (8, 28 * 4)])
+def test_banded_winograd_keeps_a_sharded_batch_sharded(batch, band_pixels):
   """A batch sharded over devices: each device runs the bands of its own images.
 
   A loop over (image, band) made XLA's SPMD partitioner gather the whole batch on every
@@ -513,9 +515,9 @@ def test_banded_winograd_keeps_a_sharded_batch_sharded():
   """
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('data',))
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 28, 28, 16)), sharded)
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch, 28, 28, 16)), sharded)
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
-  banded = jax.jit(functools.partial(layers.winograd_conv3x3, band_pixels=28 * 14))
+  banded = jax.jit(functools.partial(layers.winograd_conv3x3, band_pixels=band_pixels))
   hlo = banded.lower(x, kernel).compile().as_text()
   assert 'all-gather' not in hlo and 'all-to-all' not in hlo and 'while' in hlo
   y = banded(x, kernel)

@@ -249,7 +249,7 @@ def _winograd_path(x, kernel, strides, padding):
   up to 112x112 pixels. DenseNet's 128 -> 32 convolutions (64 or more input channels
   to 32 or more outputs) take `_winograd_forward`, Winograd's forward pass with the
   direct convolution's gradients:
-  - From 28x28 pixels up, a band of rows of the batch at a time (`band_pixels`). Over
+  - From 28x28 pixels up, a band of rows at a time (`band_pixels`). Over
     the whole batch at once, the 16 transformed tiles (4x the input) leave the cache:
     one core, batch 8, 28x28, 7.6 against 5.6 ms for XLA's convolution, and 3.4-3.6 ms
     a band at a time (56x56, batch 16: 30.8 against 37.3 ms). DenseNet121's forward at
@@ -258,10 +258,12 @@ def _winograd_path(x, kernel, strides, padding):
     16; two threads, batch 16: 1.09x and 1.10x faster than the whole batch at once
     (both measured with bands of one image, which the table's Grad-CAM ran at the same
     speed: 17.86 and 17.97 against 17.90 and 17.94 img/s). The bands span the batch
-    axis so that a batch sharded over devices stays sharded: bands of one image made
-    XLA's SPMD partitioner gather the batch onto every device. With a device per core
-    (`host.one_cpu_device_per_core`), batch 4 split over two, paired calls: the
-    forward 1.10x and Grad-CAM 1.02-1.14x faster than XLA's convolution.
+    axis (in strided groups of images at large batches) so that a batch sharded over
+    devices stays sharded: bands of one image made XLA's SPMD partitioner gather the
+    batch onto every device. Against those, one core: 0-6% slower (56x56, batch 64:
+    133 against 126 ms, XLA's 217 ms; without groups it had been 235 ms). With a device
+    per core (`host.one_cpu_device_per_core`), batch 4 split over two, paired calls:
+    the forward 1.10x and Grad-CAM 1.02-1.15x faster than XLA's convolution.
   - At 14x14 pixels, with more than one thread (`host.xla_cpu_threads`), the whole
     batch at once: XLA:CPU ran these YNNPACK convolutions on one thread (10.7 ms on one
     core, 10.9 on two at 56x56, batch 4), while the tile dots use every core. Two cores,
@@ -306,12 +308,14 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   Gradients are jax's autodiff of the same slices, sums and dots; what the backward
   pass keeps is the 16 transformed tiles (4x the input) instead of the input.
 
-  With `band_pixels`, a band of rows of the whole batch at a time (`lax.map`), of about
-  that many output pixels, so that its transformed tiles stay in cache
-  (`_winograd_path`); the batch axis stays whole, so a batch sharded over devices
-  stays sharded. Without, the whole batch at once.
+  With `band_pixels`, a band of rows of a group of images at a time (`lax.map`), of
+  about that many output pixels, so that its transformed tiles stay in cache
+  (`_winograd_path`). The bands split the rows first; only where a band of 2 rows of
+  every image is still well above `band_pixels` do they split the batch too, into
+  strided groups (image i * groups + g in group g), so that a batch sharded over
+  devices stays sharded. Without, the whole batch at once.
   """
-  batch, height, width, _ = x.shape
+  batch, height, width, channels = x.shape
   kernels = _winograd_kernels(kernel)
   tiles_w = -(-width // 2)
   if band_pixels is None or batch == 0:
@@ -319,26 +323,39 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
     x = jnp.pad(x, ((0, 0), (1, 2 * -(-height // 2) + 1 - height),
                     (1, 2 * tiles_w + 1 - width), (0, 0)))
     return _winograd_tiles(x, kernels, precision)[:, :height, :width]
-  num_bands = _num_bands(-(-height // 2), batch * height * width / band_pixels)
-  band = 2 * (-(-height // 2) // num_bands)
+  tile_rows = -(-height // 2)
+  wanted = batch * height * width / band_pixels
+  num_bands = _nearest_divisor(tile_rows, wanted)
+  groups = _nearest_divisor(batch, wanted / num_bands)
+  band, per_group = 2 * (tile_rows // num_bands), batch // groups
   # Band j reads rows j*band .. j*band + band + 1 of the input padded above and below.
   # The columns are padded in each band's program, as part of its input transform:
   # padded with the rows, DenseNet's 128 -> 32 at 28x28 took 5.8 against 3.3 ms (batch
   # 8, one core). Over the whole batch, padding rows and columns apart was slower.
   x = jnp.pad(x, ((0, 0), (1, num_bands * band + 1 - height), (0, 0), (0, 0)))
 
-  def one_band(j):
-    rows = lax.dynamic_slice_in_dim(x, j * band, band + 2, axis=1)
+  def one_band(images, j):
+    rows = lax.dynamic_slice_in_dim(images, j * band, band + 2, axis=1)
     rows = jnp.pad(rows, ((0, 0), (0, 0), (1, 2 * tiles_w + 1 - width), (0, 0)))
     return _winograd_tiles(rows, kernels, precision)[:, :, :width]
 
-  y = lax.map(one_band, jnp.arange(num_bands))  # [num_bands, batch, band, W, Cout]
-  return jnp.moveaxis(y, 0, 1).reshape(batch, num_bands * band, width, -1)[:, :height]
+  if groups == 1:
+    y = lax.map(functools.partial(one_band, x), jnp.arange(num_bands))
+    return jnp.moveaxis(y, 0, 1).reshape(batch, num_bands * band, width, -1)[:, :height]
+  x = x.reshape(per_group, groups, *x.shape[1:])  # image i * groups + g is x[i, g]
+
+  def one_group_band(index):
+    images = lax.dynamic_index_in_dim(x, index // num_bands, axis=1, keepdims=False)
+    return one_band(images, index % num_bands)
+
+  y = lax.map(one_group_band, jnp.arange(groups * num_bands))  # [groups * bands, per_group, ...]
+  y = y.reshape(groups, num_bands, per_group, band, width, -1).transpose(2, 0, 1, 3, 4, 5)
+  return y.reshape(batch, num_bands * band, width, -1)[:, :height]
 
 
-def _num_bands(tile_rows: int, wanted: float) -> int:
-  """The divisor of `tile_rows` nearest `wanted` (by ratio), so that bands pad nothing."""
-  divisors = [d for d in range(1, tile_rows + 1) if tile_rows % d == 0]
+def _nearest_divisor(n: int, wanted: float) -> int:
+  """The divisor of `n` nearest `wanted` (by ratio): bands that pad nothing, equal groups."""
+  divisors = [d for d in range(1, n + 1) if n % d == 0]
   return min(divisors, key=lambda d: abs(math.log(d / max(wanted, 1.0))))
 
 
@@ -400,7 +417,7 @@ _winograd_forward.defvjp(_winograd_forward_fwd, _winograd_forward_bwd)
 
 
 def _winograd_forward_banded(x, kernel, precision):
-  """`_winograd_forward` a band of rows of the batch at a time (see `_winograd_path`)."""
+  """`_winograd_forward` a band of rows at a time (see `_winograd_path`)."""
   return _winograd_forward(x, kernel, precision, _WINOGRAD_BAND_PIXELS)
 
 
