@@ -217,7 +217,10 @@ def one_cpu_device_per_core() -> int:
   `cam_study.compute_heatmaps` splits each batch over whatever devices there are).
   Training does not: a replicated optimizer state is updated once per device (VGG16's
   120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
-  5.1 s).
+  5.1 s). With `keep_freed_memory`'s one heap the devices' threads contend for its lock:
+  DenseNet121's Grad-CAM on two cores ran 10-20% slower than with glibc's defaults
+  (`DRJAX_KEEP_FREED_MEMORY=0`). A heap per thread would avoid that but made ResNet101
+  slower (its blocks above 64 MiB were mapped afresh every call; benchmarks/README.md).
 
   Like `keep_freed_memory` it must run before jax starts its CPU client. It leaves an
   explicit choice alone (`--xla_force_host_platform_device_count` in XLA_FLAGS,
