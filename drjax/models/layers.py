@@ -318,7 +318,7 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   batch, height, width, channels = x.shape
   kernels = _winograd_kernels(kernel)
   tiles_w = -(-width // 2)
-  if band_pixels is None or batch == 0:
+  if band_pixels is None or batch == 0:  # (an empty batch has no divisor to group by)
     # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
     x = jnp.pad(x, ((0, 0), (1, 2 * -(-height // 2) + 1 - height),
                     (1, 2 * tiles_w + 1 - width), (0, 0)))
