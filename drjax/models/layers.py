@@ -315,15 +315,14 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   strided groups (image i * groups + g in group g), so that a batch sharded over
   devices stays sharded. Without, the whole batch at once.
   """
-  batch, height, width, channels = x.shape
+  batch, height, width, _ = x.shape
   kernels = _winograd_kernels(kernel)
-  tiles_w = -(-width // 2)
+  tile_rows, tiles_w = -(-height // 2), -(-width // 2)
   if band_pixels is None or batch == 0:  # (an empty batch has no divisor to group by)
     # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
-    x = jnp.pad(x, ((0, 0), (1, 2 * -(-height // 2) + 1 - height),
-                    (1, 2 * tiles_w + 1 - width), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (1, 2 * tile_rows + 1 - height), (1, 2 * tiles_w + 1 - width),
+                    (0, 0)))
     return _winograd_tiles(x, kernels, precision)[:, :height, :width]
-  tile_rows = -(-height // 2)
   wanted = batch * height * width / band_pixels
   num_bands = _nearest_divisor(tile_rows, wanted)
   groups = _nearest_divisor(batch, wanted / num_bands)
@@ -340,6 +339,8 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
     return _winograd_tiles(rows, kernels, precision)[:, :, :width]
 
   if groups == 1:
+    # Not the grouped loop below with one group: through its reshape and index, 56x56 at
+    # batch 16 took 37.4 against 32.0 ms (one core), 28x28 at batch 8 3.38 against 3.13.
     y = lax.map(functools.partial(one_band, x), jnp.arange(num_bands))
     return jnp.moveaxis(y, 0, 1).reshape(batch, num_bands * band, width, -1)[:, :height]
   x = x.reshape(per_group, groups, *x.shape[1:])  # image i * groups + g is x[i, g]
