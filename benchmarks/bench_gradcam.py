@@ -16,7 +16,9 @@ per repeat as well as Grad-CAM against Grad-CAM:
   `scripts/cam_study.py --one_device_per_core`, jax has one CPU device per core
   (`drjax.host.one_cpu_device_per_core`) and the batch is split over them
   (`drjax.cam_study.split_over_devices`, variables replicated); on one core that is
-  one device.
+  one device. As `drjax.cam_study` does, both take variables with the Winograd kernels of
+  the CPU convolutions computed once (`drjax.models.with_winograd_kernels`; rather
+  computed in every call with `--no_winograd_kernels`).
 - PyTorch: pytorch-grad-cam's `GradCAM` on the same layer of the torchvision model, and
   the model's own forward under `torch.no_grad()`.
 Random weights (timing does not depend on them), float32, 1000 classes (ImageNet heads,
@@ -58,6 +60,8 @@ def _jax_worker(spec: dict) -> dict:
   mesh = train.make_mesh(jax.local_devices())
   x = cam_study.split_over_devices(x, mesh)
   variables = train.replicate(variables, mesh)
+  if spec['winograd_kernels']:  # as cam_study.compute_heatmaps, for both timed calls
+    variables = models.with_winograd_kernels(model, variables)
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
   # Grad-CAM timed as a user calls it (the function jits its core itself); the jitted
   # wrapper below is only for XLA's FLOP count.
@@ -132,6 +136,8 @@ def main():
   common.add_device_flags(parser)
   parser.add_argument('--one_device_per_core', action='store_true',
                       help='drjax: one jax CPU device per core, the batch split over them')
+  parser.add_argument('--no_winograd_kernels', dest='winograd_kernels', action='store_false',
+                      help='drjax: transform the Winograd kernels in every call, not once')
   common.add_keep_freed_memory_flag(parser)
   common.add_interleave_flag(parser)
   parser.add_argument('--quick', action='store_true', help='batch 2, 1 warm-up, 2 repeats')
@@ -152,7 +158,8 @@ def main():
   specs = [dict(framework=framework, arch=args.arch, batch=args.batch,
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
                 repeats=args.repeats, keep_freed_memory=args.keep_freed_memory,
-                one_device_per_core=args.one_device_per_core, device=args.device,
+                one_device_per_core=args.one_device_per_core,
+                winograd_kernels=args.winograd_kernels, device=args.device,
                 calls_per_repeat=common.calls_per_repeat(args))
            for framework in args.frameworks.split(',')]
   print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} on {args.device} "
@@ -183,7 +190,8 @@ def main():
   nan = float('nan')
   where = f'{threads}' if args.device == 'cpu' else common.machine().get('gpu', 'GPU')
   where += (', freed memory kept' if args.keep_freed_memory else '') + \
-      (', a device per core' if args.one_device_per_core else '')
+      (', a device per core' if args.one_device_per_core else '') + \
+      ('' if args.winograd_kernels else ', Winograd kernels in every call')
   line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
           f"{where} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
           f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | "
@@ -203,7 +211,8 @@ def main():
                  time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
   suffix = ('_quick' if args.quick else '') + ('' if args.device == 'cpu' else '_gpu') + \
       ('_keep_freed_memory' if args.keep_freed_memory else '') + \
-      ('_one_device_per_core' if args.one_device_per_core else '')
+      ('_one_device_per_core' if args.one_device_per_core else '') + \
+      ('' if args.winograd_kernels else '_no_winograd_kernels')
   path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)
   print(table)
   print(f"drjax Grad-CAM / own forward: {summary['drjax_gradcam_over_own_forward']:.2f}x, per "

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import ndimage
 
-from drjax import cam_figures, gradcam, localize
+from drjax import cam_figures, gradcam, localize, models
 
 LESION_TYPES = localize.DEFAULT_LESION_TYPES
 DEFAULT_METHODS = ('gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam')
@@ -206,14 +206,15 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
 
   Each batch is split over this process's devices (with one CPU device per core, see
   `drjax.host.one_cpu_device_per_core`, the cores run their shares side by side); the
-  variables are copied to each device once.
+  variables are copied to each device once, with the Winograd kernels of the CPU's
+  convolutions computed once (`drjax.models.with_winograd_kernels`).
   """
   from drjax import train
 
   size = tuple(images_uint8.shape[1:3])
   gradient_methods = [m for m in methods if m != 'scorecam']
   mesh = train.make_mesh(jax.local_devices())
-  variables = train.replicate(variables, mesh)
+  variables = models.with_winograd_kernels(model, train.replicate(variables, mesh))
   out: dict[str, list] = {}
   for i in range(0, len(images_uint8), batch_size):
     batch = images_uint8[i:i + batch_size]

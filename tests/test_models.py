@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from drjax import host, models, weights
 from drjax.models import densenet, layers, resnet, vgg
@@ -531,6 +532,61 @@ def test_banded_winograd_takes_an_empty_batch():
   assert layers.winograd_conv3x3(x, kernel, band_pixels=100).shape == (0, 28, 28, 4)
   dx = jax.grad(lambda x: layers._winograd_forward_banded(x, kernel, None).sum())(x)
   assert dx.shape == x.shape
+
+
+class _WinogradNet(nn.Module):
+  """One convolution of each kind: no Winograd (3 input channels; stride 2), Winograd
+  (64 -> 64) and DenseNet's narrow Winograd (64 -> 32, a band at a time at 28 x 28)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = layers.conv(64, 3, padding=1, name='stem')(x)
+    x = layers.conv(64, 3, padding=1, name='wide')(x)
+    y = layers.conv(32, 3, padding=1, name='narrow')(x)
+    y = layers.conv(8, 3, stride=2, padding=1, name='strided')(jnp.concatenate([x, y], -1))
+    return y.mean((1, 2))
+
+
+def test_winograd_kernels_computed_once_give_the_same_outputs_and_gradients():
+  net = _WinogradNet()
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  variables = _jit(net.init)(jax.random.key(1), x)
+  assert set(variables) == {'params'}  # init makes no kernels
+  prepared = models.with_winograd_kernels(net, variables)
+  assert set(prepared) == {'params', 'winograd'}
+  assert set(prepared['winograd']) == {'wide', 'narrow'}
+  for name in ('wide', 'narrow'):
+    (kernels,) = jax.tree.leaves(prepared['winograd'][name], is_leaf=lambda t: isinstance(t, tuple))
+    expected = layers._winograd_kernels(variables['params'][name]['kernel'])
+    assert len(kernels) == 16
+    for got, want in zip(kernels, expected, strict=True):
+      np.testing.assert_array_equal(got, want)
+
+  forward = _jit(net.apply)
+  np.testing.assert_array_equal(forward(prepared, x), forward(variables, x))
+  # The forward pass reads them: other kernels, other outputs.
+  zeroed = dict(prepared, winograd=jax.tree.map(jnp.zeros_like, prepared['winograd']))
+  assert not np.allclose(forward(zeroed, x), forward(variables, x))
+
+  def loss(params, x, extra):
+    return jnp.sum(jnp.sin(net.apply({'params': params, **extra}, x)))
+
+  grads = _jit(jax.grad(loss, argnums=(0, 1)))
+  chex.assert_trees_all_close(grads(variables['params'], x, {}),
+                              grads(prepared['params'], x, {'winograd': prepared['winograd']}),
+                              rtol=1e-6, atol=1e-7)
+
+
+def test_winograd_kernels_replace_earlier_ones_and_skip_models_without_them():
+  net = _WinogradNet()
+  x = jnp.zeros((1, 28, 28, 3))
+  variables = _jit(net.init)(jax.random.key(1), x)
+  stale = dict(models.with_winograd_kernels(net, variables), winograd={'old': jnp.zeros(1)})
+  assert set(models.with_winograd_kernels(net, stale)['winograd']) == {'wide', 'narrow'}
+  tiny = models.get_model('resnet_tiny')  # no 3x3 convolution has 64 input channels
+  tiny_vars = _jit(functools.partial(tiny.init, train=False))(jax.random.key(0), x)
+  assert set(models.with_winograd_kernels(tiny, tiny_vars)) == {'params', 'batch_stats'}
 
 
 @pytest.mark.parametrize('shape, stride, dtype, takes_tap_sum', [

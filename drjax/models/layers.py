@@ -63,23 +63,24 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                       out_spec=(0, 3, 1, 2))
 _MIN_TAP_DOT_PIXELS = 14 * 14
+# The variables' collection of precomputed Winograd kernels (`drjax.models.with_winograd_kernels`).
+WINOGRAD_COLLECTION = 'winograd'
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None):
+                         precision=None, winograd_kernels=None):
   """`lax.conv_general_dilated` (the signature `nn.Conv` calls), computed faster on CPU.
 
   On the CPU backend, NHWC/HWIO convolutions with explicit padding, no dilation and
   one feature group (all of the ports') take the paths described above. Anything
   else, and everything on other backends (where cuDNN's convolutions were what
   the GPU benchmarks measured), goes to `lax.conv_general_dilated` unchanged.
+  `winograd_kernels` are `rhs`'s 16 Winograd kernels where they were computed before
+  (`ConvGeneralDilated`), used if the convolution takes Winograd.
   """
-  ones = (1, 1)
-  if (jax.default_backend() != 'cpu'
-      or lhs.ndim != 4 or dimension_numbers != _NHWC_HWIO or feature_group_count != 1
-      or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones
-      or isinstance(padding, str)):
+  if not _takes_cpu_paths(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                          feature_group_count):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -88,7 +89,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   padding = tuple(tuple(p) for p in padding)
   winograd = _winograd_path(lhs, rhs, strides, padding)
   if winograd is not None:
-    return winograd(lhs, rhs, precision)
+    return winograd(lhs, rhs, precision, kernels=winograd_kernels)
   if rhs.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
     if strides != (1, 1):
       lhs = lhs[:, ::strides[0], ::strides[1], :]
@@ -96,6 +97,40 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if _takes_tap_sum(lhs, rhs, strides, padding):
     return _tap_sum_conv(lhs, rhs, strides, padding, precision)
   return _conv_tap_grad(lhs, rhs, strides, padding, precision)
+
+
+def _takes_cpu_paths(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count) -> bool:
+  ones = (1, 1)
+  return (jax.default_backend() == 'cpu' and lhs.ndim == 4
+          and dimension_numbers == _NHWC_HWIO and feature_group_count == 1
+          and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
+          and not isinstance(padding, str))
+
+
+class ConvGeneralDilated(nn.Module):
+  """`conv_general_dilated` as the submodule each `conv` calls (`conv_general_dilated_cls`).
+
+  A module, so that a convolution that takes Winograd can read its 16 transformed
+  kernels from the variables' 'winograd' collection (`winograd_kernels`) instead of
+  transforming its kernel on every call. Without that collection it is
+  `conv_general_dilated`. It has no parameters: the kernel stays the `nn.Conv`'s.
+  """
+
+  @nn.compact
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None):
+    kernels = None
+    if (_takes_cpu_paths(lhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count)
+        and _may_take_winograd(rhs, tuple(window_strides), tuple(tuple(p) for p in padding))):
+      if self.has_variable(WINOGRAD_COLLECTION, 'kernels'):
+        kernels = _precomputed_kernels(rhs, self.get_variable(WINOGRAD_COLLECTION, 'kernels'))
+      elif self.is_mutable_collection(WINOGRAD_COLLECTION) and not self.is_initializing():
+        self.put_variable(WINOGRAD_COLLECTION, 'kernels', tuple(_winograd_kernels(rhs)))
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, precision,
+                                winograd_kernels=kernels)
 
 
 def _output_hw(x, kernel_hw, strides, padding) -> tuple[int, int]:
@@ -271,22 +306,25 @@ def _winograd_path(x, kernel, strides, padding):
     calls, with this rule from 14x14 up). On one thread 14x14 was no faster by image
     (1.07x alone, no gain in the forward, 4 s more to compile).
   """
-  kernel_h, kernel_w, in_channels, out_channels = kernel.shape
   pixels = x.shape[1] * x.shape[2]
-  if not ((kernel_h, kernel_w) == (3, 3) and strides == (1, 1)
-          and padding == ((1, 1), (1, 1))
-          and x.dtype == kernel.dtype == jnp.float32
-          and in_channels >= _WINOGRAD_MIN_CHANNELS and pixels <= _WINOGRAD_MAX_PIXELS):
+  if not (_may_take_winograd(kernel, strides, padding) and x.dtype == jnp.float32
+          and pixels <= _WINOGRAD_MAX_PIXELS):
     return None
-  if out_channels >= _WINOGRAD_MIN_CHANNELS:
+  if kernel.shape[-1] >= _WINOGRAD_MIN_CHANNELS:
     return winograd_conv3x3
-  if out_channels < _WINOGRAD_NARROW_MIN_OUT_CHANNELS:
-    return None
   if pixels >= _WINOGRAD_BANDED_MIN_PIXELS:
     return _winograd_forward_banded
   if pixels >= _WINOGRAD_THREADED_MIN_PIXELS and host.xla_cpu_threads() > 1:
     return _winograd_forward
   return None
+
+
+def _may_take_winograd(kernel, strides, padding) -> bool:
+  """Whether a convolution with this kernel takes Winograd at some input (`_winograd_path`)."""
+  kernel_h, kernel_w, in_channels, out_channels = kernel.shape
+  return ((kernel_h, kernel_w) == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
+          and kernel.dtype == jnp.float32 and in_channels >= _WINOGRAD_MIN_CHANNELS
+          and out_channels >= _WINOGRAD_NARROW_MIN_OUT_CHANNELS)
 
 
 def _combine(parts, coefficients):
@@ -300,7 +338,7 @@ def _combine(parts, coefficients):
   return total
 
 
-def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
+def winograd_conv3x3(x, kernel, precision=None, band_pixels=None, kernels=None):
   """NHWC x HWIO 3x3 convolution, stride 1, padding 1, as Winograd F(2x2, 3x3).
 
   The same function as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))`
@@ -314,9 +352,13 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None):
   every image is still well above `band_pixels` do they split the batch too, into
   strided groups (image i * groups + g in group g), so that a batch sharded over
   devices stays sharded. Without, the whole batch at once.
+
+  `kernels` are `kernel`'s 16 transformed kernels if they were computed before
+  (`winograd_kernels`); without, they are computed here.
   """
   batch, height, width, _ = x.shape
-  kernels = _winograd_kernels(kernel)
+  if kernels is None:
+    kernels = _winograd_kernels(kernel)
   tile_rows, tiles_w = -(-height // 2), -(-width // 2)
   if band_pixels is None or batch == 0:  # (an empty batch has no divisor to group by)
     # Tile (r, c) reads rows 2r..2r+3 and columns 2c..2c+3 of the padded input.
@@ -366,6 +408,30 @@ def _winograd_kernels(kernel):
   return [_combine(list(k), g) for k in kernel_rows for g in _WINOGRAD_G]  # (G k) GT
 
 
+@jax.custom_vjp
+def _precomputed_kernels(kernel, kernels):
+  """`kernels`, computed before as `_winograd_kernels(kernel)`, with `kernel`'s gradient.
+
+  The forward pass reads `kernels`; the gradient goes to `kernel` through the
+  transform (a linear map), as if the kernels had been computed here, so that
+  differentiating a model with respect to its parameters stays right.
+  """
+  del kernel
+  return list(kernels)
+
+
+def _precomputed_kernels_fwd(kernel, kernels):
+  return list(kernels), kernel
+
+
+def _precomputed_kernels_bwd(kernel, cotangents):
+  (dkernel,) = jax.vjp(_winograd_kernels, kernel)[1](cotangents)
+  return dkernel, None
+
+
+_precomputed_kernels.defvjp(_precomputed_kernels_fwd, _precomputed_kernels_bwd)
+
+
 def _winograd_tiles(x, kernels, precision):
   """Winograd over a padded input: [B, 2 m + 2, 2 n + 2, Cin] -> [B, 2 m, 2 n, Cout].
 
@@ -391,35 +457,36 @@ def _winograd_tiles(x, kernels, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _winograd_forward(x, kernel, precision, band_pixels=None):
+def _winograd_forward(x, kernel, precision, band_pixels=None, kernels=None):
   """Winograd's forward pass with the direct convolution's gradients (`_conv_tap_grad`).
 
-  For DenseNet's 128 -> 32 convolutions (`_winograd_path`), with `band_pixels` as
-  `winograd_conv3x3`'s: Winograd's forward pass is faster there, its autodiff backward
-  was not, and compiling it is slow. DenseNet121, 224 px, batch 4, two cores, paired calls
-  in one process: the input gradient (Grad-CAM study's `gradients`, or training from a
-  random init) took 521 ms this way, 628 ms with Winograd's own backward and 562 ms with
-  no Winograd; compiling it 26 s, 53 s and 9.5 s. The forward pass is unchanged (194,
-  204 and 245 ms).
+  For DenseNet's 128 -> 32 convolutions (`_winograd_path`), with `band_pixels` and
+  `kernels` as `winograd_conv3x3`'s: Winograd's forward pass is faster there, its
+  autodiff backward was not, and compiling it is slow. DenseNet121, 224 px, batch 4,
+  two cores, paired calls in one process: the input gradient (Grad-CAM study's
+  `gradients`, or training from a random init) took 521 ms this way, 628 ms with
+  Winograd's own backward and 562 ms with no Winograd; compiling it 26 s, 53 s and
+  9.5 s. The forward pass is unchanged (194, 204 and 245 ms).
   """
-  return winograd_conv3x3(x, kernel, precision, band_pixels)
+  return winograd_conv3x3(x, kernel, precision, band_pixels, kernels)
 
 
-def _winograd_forward_fwd(x, kernel, precision, band_pixels):
-  return winograd_conv3x3(x, kernel, precision, band_pixels), (x, kernel)
+def _winograd_forward_fwd(x, kernel, precision, band_pixels, kernels):
+  return winograd_conv3x3(x, kernel, precision, band_pixels, kernels), (x, kernel)
 
 
 def _winograd_forward_bwd(precision, band_pixels, residuals, dy):
   del band_pixels
-  return _conv_tap_grad_bwd((1, 1), ((1, 1), (1, 1)), precision, residuals, dy)
+  dx, dkernel = _conv_tap_grad_bwd((1, 1), ((1, 1), (1, 1)), precision, residuals, dy)
+  return dx, dkernel, None  # the kernel's gradient covers the precomputed kernels'
 
 
 _winograd_forward.defvjp(_winograd_forward_fwd, _winograd_forward_bwd)
 
 
-def _winograd_forward_banded(x, kernel, precision):
+def _winograd_forward_banded(x, kernel, precision, kernels=None):
   """`_winograd_forward` a band of rows at a time (see `_winograd_path`)."""
-  return _winograd_forward(x, kernel, precision, _WINOGRAD_BAND_PIXELS)
+  return _winograd_forward(x, kernel, precision, _WINOGRAD_BAND_PIXELS, kernels)
 
 
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
@@ -433,7 +500,7 @@ def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                  kernel_init=kernel_init, dtype=dtype, name=name,
-                 conv_general_dilated=conv_general_dilated)
+                 conv_general_dilated_cls=ConvGeneralDilated)
 
 
 def batch_norm(train: bool, *, name: str | None = None, dtype: Dtype = jnp.float32,
