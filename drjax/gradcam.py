@@ -24,7 +24,9 @@ each image's logits (e.g. `referable_dr_target`).
 The computation follows its inputs' placement, as `jax.jit` does: images sharded on
 the batch axis over several devices, with the variables replicated, split the batch
 over them (`drjax.cam_study.compute_heatmaps` does so; on CPU see
-`drjax.host.one_cpu_device_per_core`).
+`drjax.host.one_cpu_device_per_core`). For many calls with the same weights on a CPU,
+`variables = drjax.models.with_winograd_kernels(model, variables)` first computes what
+the convolutions derive from the weights once (ResNet101: 5% faster per call).
 """
 
 from __future__ import annotations

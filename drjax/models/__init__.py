@@ -67,14 +67,15 @@ def get_model(name: str, num_classes: int = 5, **kwargs) -> nn.Module:
 def with_winograd_kernels(model: nn.Module, variables: dict) -> dict:
   """`variables` plus the 'winograd' collection, for many forward passes with these weights.
 
-  On a CPU, 3x3 convolutions with 64 or more input channels run as Winograd F(2x2, 3x3)
-  (`layers.winograd_conv3x3`), whose 16 transformed kernels are otherwise computed from
-  `params` on every call, on every device: in ResNet101 130 MB a device. With the
-  collection each convolution reads them instead. ResNet101's forward at 224 px, batch 4
-  split over two one-core devices, paired calls: 301 -> 287 ms; one core: 530 -> 512 ms.
-  The outputs are the same (bitwise in the tests), and gradients with respect to
-  `params` still go through the transform. `drjax.cam_study` and the Grad-CAM
-  benchmark use it; `apply` takes the result as it takes `variables`.
+  On a CPU most 3x3 stride-1 convolutions with 64 or more input channels run as
+  Winograd F(2x2, 3x3) (`layers._winograd_path`), whose 16 transformed kernels are
+  otherwise computed from `params` in every call, on every device: 130 MB a device for
+  ResNet101. With the collection each convolution reads them instead. ResNet101 at
+  224 px, batch 4 split over two one-core devices, paired calls: the forward 310 -> 296
+  ms, Grad-CAM 322 -> 306 ms. The outputs are the same (bitwise in the tests), and
+  gradients with respect to `params` still go through the transform.
+  `drjax.cam_study.compute_heatmaps` and the Grad-CAM benchmark use it; `apply` takes
+  the result as it takes `variables`.
 
   The kernels are those of `variables['params']` as passed: after changing the
   parameters, call it again (training never carries the collection). On other

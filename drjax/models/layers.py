@@ -264,7 +264,11 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 # compiles each of the 16 dots as its own YNNPACK fusion (about 40 ms each), so
 # compiling the VGG16 forward went from 0.5 to 7.6 s and ResNet101's from 3.3 to
 # 12 s. One batched dot_general compiles in 30 ms but ran slower at 7 of the 8
-# sizes (up to 1.5x).
+# sizes (up to 1.5x). The kernel transforms G g G^T depend on the weights alone;
+# for inference `drjax.models.with_winograd_kernels` computes them once, into the
+# variables' 'winograd' collection, which `ConvGeneralDilated` reads. Otherwise every
+# call computes them on every device: in ResNet101's forward with a device per core,
+# about 70 ms of op time per device and call went to them (batch 4, two cores).
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
