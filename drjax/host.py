@@ -15,7 +15,9 @@ memory until it exits.
 
 It must run before jax starts its CPU client (the first jax computation or device
 query), because XLA's threads take their malloc arena when they start. drjax's scripts
-call it first thing; a notebook or your own script calls it before touching jax:
+call it first thing (except `cam_study.py` with a device per core, where one heap was
+slower; see `one_cpu_device_per_core`); a notebook or your own script calls it before
+touching jax:
 
     from drjax import host
     host.keep_freed_memory()
@@ -219,8 +221,11 @@ def one_cpu_device_per_core() -> int:
   120M trainable parameters: a train step at batch 16 on two cores went from 2.7 to
   5.1 s). With `keep_freed_memory`'s one heap the devices' threads contend for its lock:
   DenseNet121's Grad-CAM on two cores ran 10-20% slower than with glibc's defaults
-  (`DRJAX_KEEP_FREED_MEMORY=0`). A heap per thread would avoid that but made ResNet101
-  slower (its blocks above 64 MiB were mapped afresh every call; benchmarks/README.md).
+  (`DRJAX_KEEP_FREED_MEMORY=0`), and ResNet101's no faster once its Winograd kernels
+  are computed once (`drjax.models.with_winograd_kernels`), so `scripts/cam_study.py`
+  leaves malloc alone when it makes a device per core. (A heap per thread with freed
+  memory kept made ResNet101 slower: its blocks above 64 MiB were mapped afresh every
+  call; benchmarks/README.md.)
 
   Like `keep_freed_memory` it must run before jax starts its CPU client. It leaves an
   explicit choice alone (`--xla_force_host_platform_device_count` in XLA_FLAGS,

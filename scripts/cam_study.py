@@ -36,12 +36,17 @@ def main(argv):
   del argv
   from drjax import host
 
-  host.keep_freed_memory()  # before jax starts; see drjax/host.py
-  host.enable_compilation_cache()  # the next run loads what this one compiles
+  # Both before jax starts. With a device per core, glibc's own malloc: under
+  # keep_freed_memory's one heap the devices' threads contend for its lock, and batch-4
+  # Grad-CAM on two cores ran at 4.02x pytorch-grad-cam for DenseNet121 (median of 13
+  # runs) against 5.19x without it, ResNet101 at 4.03x against 4.02x (benchmarks/README.md).
   if FLAGS.one_device_per_core:
-    count = host.one_cpu_device_per_core()  # before jax starts, too
+    count = host.one_cpu_device_per_core()
     logging.info('--one_device_per_core: %s', f'{count} CPU devices' if count else
                  'left the device count as it was set')
+  else:
+    host.keep_freed_memory()  # see drjax/host.py
+  host.enable_compilation_cache()  # the next run loads what this one compiles
   from drjax import cam_study
 
   path = cam_study.run_workdirs(
