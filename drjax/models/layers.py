@@ -112,9 +112,10 @@ class ConvGeneralDilated(nn.Module):
   """`conv_general_dilated` as the submodule each `conv` calls (`conv_general_dilated_cls`).
 
   A module, so that a convolution that takes Winograd can read its 16 transformed
-  kernels from the variables' 'winograd' collection (`winograd_kernels`) instead of
-  transforming its kernel on every call. Without that collection it is
-  `conv_general_dilated`. It has no parameters: the kernel stays the `nn.Conv`'s.
+  kernels from the variables' 'winograd' collection
+  (`drjax.models.with_winograd_kernels`) instead of transforming its kernel on every
+  call. Without that collection it is `conv_general_dilated`. It has no parameters:
+  the kernel stays the `nn.Conv`'s.
   """
 
   @nn.compact
@@ -358,7 +359,7 @@ def winograd_conv3x3(x, kernel, precision=None, band_pixels=None, kernels=None):
   devices stays sharded. Without, the whole batch at once.
 
   `kernels` are `kernel`'s 16 transformed kernels if they were computed before
-  (`winograd_kernels`); without, they are computed here.
+  (`drjax.models.with_winograd_kernels`); without, they are computed here.
   """
   batch, height, width, _ = x.shape
   if kernels is None:
