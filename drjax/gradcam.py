@@ -26,7 +26,7 @@ the batch axis over several devices, with the variables replicated, split the ba
 over them (`drjax.cam_study.compute_heatmaps` does so; on CPU see
 `drjax.host.one_cpu_device_per_core`). For many calls with the same weights on a CPU,
 `variables = drjax.models.with_winograd_kernels(model, variables)` first computes what
-the convolutions derive from the weights once (ResNet101: 5% faster per call).
+the convolutions derive from the weights once (ResNet101: 2.5-5% faster per call).
 """
 
 from __future__ import annotations

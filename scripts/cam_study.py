@@ -37,9 +37,10 @@ def main(argv):
   from drjax import host
 
   # Both before jax starts. With a device per core, glibc's own malloc: under
-  # keep_freed_memory's one heap the devices' threads contend for its lock, and batch-4
-  # Grad-CAM on two cores ran at 4.02x pytorch-grad-cam for DenseNet121 (median of 13
-  # runs) against 5.19x without it, ResNet101 at 4.03x against 4.02x (benchmarks/README.md).
+  # keep_freed_memory's one heap the devices' threads contend for its lock: batch-4
+  # Grad-CAM on two cores ran at 3.82-4.23x pytorch-grad-cam for DenseNet121 (13 runs)
+  # against 4.94-5.19x without it, ResNet101 at 3.93-4.17x against 4.02-4.37x
+  # (benchmarks/README.md, "The heap").
   if FLAGS.one_device_per_core:
     count = host.one_cpu_device_per_core()
     logging.info('--one_device_per_core: %s', f'{count} CPU devices' if count else
