@@ -2,8 +2,9 @@
 
 drjax: `drjax.train.make_train_step` (the paper's fine-tuning step: gradients of the
 trainable partition only, Adam, cross-entropy, frozen BatchNorms in inference mode) and
-`drjax.train.eval_step`, fed uint8 NHWC images as drjax's pipeline delivers them (the
-step normalises on device). No augmentation on either side.
+`drjax.train.eval_step` (with the Winograd kernels computed once, as `train.evaluate`
+does), fed uint8 NHWC images as drjax's pipeline delivers them (the step normalises on
+device). No augmentation on either side.
 
 PyTorch: a torchvision model with `requires_grad=False` on the frozen parameters,
 `model.train()`, `torch.optim.Adam` over the trainable parameters, `F.cross_entropy`,
@@ -97,6 +98,7 @@ def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
     info = dict(jax_devices=str(jax.devices(platform)))
     if mode == 'eval':
       eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
+      variables = models.with_winograd_kernels(model, variables)  # as train.evaluate
 
       def run():
         eval_fn(variables, images).block_until_ready()

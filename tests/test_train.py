@@ -13,8 +13,10 @@ import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from drjax import freeze, models, train
+from drjax.models import layers
 
 SIZE = 32
 BATCH = 8
@@ -235,3 +237,30 @@ def test_workdir_lock_dies_with_its_holder(tmp_path):
     holder.wait()
   with train.workdir_lock(workdir):
     pass
+
+
+class _WinogradNet(nn.Module):
+  """Two 64 -> 64 3x3 convolutions: the second takes Winograd on a CPU."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = layers.conv(64, 3, padding=1)(x)
+    return layers.conv(64, 3, padding=1)(x).mean((1, 2))[:, :5]
+
+
+def test_evaluate_computes_the_winograd_kernels_once():
+  net = _WinogradNet()
+  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
+  variables = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  seen = []
+
+  def eval_fn(variables, images):
+    seen.append(sorted(variables))
+    return train.eval_step(variables, images, model=net)
+
+  labels, probs = train.evaluate(net, variables, iter([{'image': images, 'label': np.arange(4)}]),
+                                 train.make_mesh(), eval_fn)
+  assert seen == [['params', 'winograd']]
+  np.testing.assert_array_equal(labels, np.arange(4))
+  np.testing.assert_allclose(probs, train.eval_step(variables, images, model=net), rtol=1e-6)

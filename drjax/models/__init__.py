@@ -74,8 +74,8 @@ def with_winograd_kernels(model: nn.Module, variables: dict) -> dict:
   224 px, batch 4 split over two one-core devices, paired calls: the forward 310 -> 296
   ms, Grad-CAM 322 -> 306 ms. The outputs are the same (bitwise in the tests), and
   gradients with respect to `params` still go through the transform.
-  `drjax.cam_study.compute_heatmaps` and the Grad-CAM benchmark use it; `apply` takes
-  the result as it takes `variables`.
+  `drjax.cam_study.compute_heatmaps`, `drjax.train.evaluate` and the Grad-CAM and eval
+  benchmarks use it; `apply` takes the result as it takes `variables`.
 
   The kernels are those of `variables['params']` as passed: after changing the
   parameters, call it again (training never carries the collection). On other
@@ -90,6 +90,8 @@ def with_winograd_kernels(model: nn.Module, variables: dict) -> dict:
     `variables` with 'winograd' added where the model has Winograd convolutions.
   """
   variables = {k: v for k, v in variables.items() if k != layers.WINOGRAD_COLLECTION}
+  if jax.default_backend() != 'cpu':  # Winograd is the CPU path only
+    return variables
   return {**variables, **_winograd_collection(model, variables)}
 
 
