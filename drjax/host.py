@@ -15,7 +15,7 @@ memory until it exits.
 
 It must run before jax starts its CPU client (the first jax computation or device
 query), because XLA's threads take their malloc arena when they start. drjax's scripts
-call it first thing (except `cam_study.py` with a device per core, where one heap was
+call it first thing (except `cam_study.py` with several CPU devices, where one heap was
 slower; see `one_cpu_device_per_core`); a notebook or your own script calls it before
 touching jax:
 
@@ -223,7 +223,7 @@ def one_cpu_device_per_core() -> int:
   DenseNet121's Grad-CAM on two cores ran 10-20% slower than with glibc's defaults
   (`DRJAX_KEEP_FREED_MEMORY=0`), and ResNet101's no faster once its Winograd kernels
   are computed once (`drjax.models.with_winograd_kernels`), so `scripts/cam_study.py`
-  leaves malloc alone when it makes a device per core. (A heap per thread with freed
+  leaves malloc alone when the process has several CPU devices. (A heap per thread with freed
   memory kept made ResNet101 slower: its blocks above 64 MiB were mapped afresh every
   call; benchmarks/README.md.)
 

@@ -36,16 +36,16 @@ def main(argv):
   del argv
   from drjax import host
 
-  # Both before jax starts. With a device per core, glibc's own malloc: under
-  # keep_freed_memory's one heap the devices' threads contend for its lock: batch-4
-  # Grad-CAM on two cores ran at 3.82-4.23x pytorch-grad-cam for DenseNet121 (13 runs)
-  # against 4.94-5.19x without it, ResNet101 at 3.93-4.17x against 4.02-4.37x
-  # (benchmarks/README.md, "The heap").
+  # Both before jax starts.
   if FLAGS.one_device_per_core:
     count = host.one_cpu_device_per_core()
     logging.info('--one_device_per_core: %s', f'{count} CPU devices' if count else
                  'left the device count as it was set')
-  else:
+  # With several CPU devices, glibc's own malloc: under keep_freed_memory's one heap the
+  # devices' threads contend for its lock. Batch-4 Grad-CAM with a device per core on two
+  # cores ran at 3.82-4.23x pytorch-grad-cam for DenseNet121 (13 runs) against 4.94-5.19x
+  # without it, ResNet101 at 3.93-4.17x against 4.02-4.37x (benchmarks/README.md, "The heap").
+  if host.cpu_device_count() == 1:
     host.keep_freed_memory()  # see drjax/host.py
   host.enable_compilation_cache()  # the next run loads what this one compiles
   from drjax import cam_study
