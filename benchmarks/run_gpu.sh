@@ -7,10 +7,11 @@
 #   benchmarks/run_gpu.sh --quick    # densenet121, batch 16
 #
 # Needs a CUDA build of jax (jax[cuda12] or jax[cuda13]) and of torch on the machine.
-# Results: benchmarks/results/gpu/bench_{train,eval}_gpu*.json and bench_gradcam_*_gpu.json,
-# with the card's name. The two processes of a comparison share the card, one timing at a
-# time: jax is held to 45% of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION) so that PyTorch
-# fits beside it.
+# One process per benchmark, precision and model, so that a run cut short (a lent machine's
+# time running out) keeps every finished JSON: benchmarks/results/gpu/
+# bench_{train,eval}_gpu[_bf16]_MODEL.json and bench_gradcam_MODEL_gpu.json, with the card's
+# name. The two processes of a comparison share the card, one timing at a time: jax is held
+# to 45% of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION) so that PyTorch fits beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
@@ -23,14 +24,22 @@ assert any(d.platform == 'gpu' for d in jax.devices()), 'jax has no GPU backend 
 assert torch.cuda.is_available(), 'torch has no CUDA here'
 PY
 out=benchmarks/results/gpu
+tmp=$(mktemp -d)
+trap 'rm -rf "${tmp}"' EXIT
+if [[ " $* " == *" --quick "* ]]; then models=densenet121; else models='densenet121 resnet101 vgg16'; fi
 for precision in bf16 fp32; do
-  python benchmarks/bench_train.py --device=gpu --precision="${precision}" --repeats=7 \
-    --out_dir="${out}" "$@"
-  python benchmarks/bench_eval.py --device=gpu --precision="${precision}" --repeats=7 \
-    --out_dir="${out}" "$@"
+  for model in ${models}; do
+    for bench in bench_train bench_eval; do
+      python "benchmarks/${bench}.py" --device=gpu --precision="${precision}" --repeats=11 \
+        --models="${model}" --out_dir="${tmp}" "$@"
+      for f in "${tmp}"/*.json; do  # named by what it holds
+        mv "${f}" "${out}/$(basename "${f%.json}")_${model}.json"
+      done
+    done
+  done
 done
-if [[ " $* " == *" --quick "* ]]; then archs=densenet121; else archs='densenet121 resnet101'; fi
-for arch in ${archs}; do
-  python benchmarks/bench_gradcam.py --device=gpu --arch="${arch}" --batch=16 --repeats=7 \
+for arch in densenet121 resnet101; do
+  [[ " $* " == *" --quick "* && ${arch} != densenet121 ]] && continue
+  python benchmarks/bench_gradcam.py --device=gpu --arch="${arch}" --batch=16 --repeats=11 \
     --out_dir="${out}"
 done
