@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from drjax import host
+  from drjax import checkpoint, host
 
   # Both before jax starts.
   if FLAGS.one_device_per_core:
@@ -48,6 +48,7 @@ def main(argv):
   if host.cpu_device_count() == 1:
     host.keep_freed_memory()  # see drjax/host.py
   host.enable_compilation_cache()  # the next run loads what this one compiles
+  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
   from drjax import cam_study
 
   path = cam_study.run_workdirs(

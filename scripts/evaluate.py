@@ -33,10 +33,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from drjax import host
+  from drjax import checkpoint, host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
   host.enable_compilation_cache()  # the next run loads what this one compiles
+  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
   from drjax import train
 
   report = train.evaluate_run(FLAGS.workdir, split=FLAGS.split,

@@ -28,10 +28,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from drjax import host
+  from drjax import checkpoint, host
 
   host.keep_freed_memory()  # before jax starts; see drjax/host.py
   host.enable_compilation_cache()  # the next run loads what this one compiles
+  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
   from drjax import cam_study, gradcam, train
 
   config, model, variables = train.load_run(FLAGS.workdir)

@@ -2,6 +2,7 @@
 corrupt-checkpoint fallback, other-architecture workdirs, non-finite loss."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -11,7 +12,9 @@ import textwrap
 
 import chex
 import jax
+import jax.numpy as jnp
 import pytest
+from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
 
 from drjax import checkpoint, train
@@ -147,3 +150,41 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   manager.close()
   _, _, variables = train.load_run(workdir)
   chex.assert_tree_all_finite(variables)
+
+
+def _orbax_info_records(caplog, directory):
+  """The INFO records orbax logs while saving a small checkpoint."""
+  caplog.clear()
+  manager = checkpoint.make_manager(directory, max_to_keep=1)
+  with caplog.at_level(logging.INFO):
+    checkpoint.save(manager, 1, {'params': {'w': jnp.ones(3)}},
+                    {'step': jnp.int32(1), 'opt_state': {}}, {'model': 'none'})
+    manager.wait_until_finished()
+    manager.close()
+  return [r for r in caplog.records
+          if r.levelno < logging.WARNING and f'{os.sep}orbax{os.sep}' in r.pathname]
+
+
+def test_quiet_orbax_info_logs_drops_orbax_info_records_only(tmp_path, caplog, monkeypatch):
+  absl_logger = absl_logging.get_absl_logger()
+  monkeypatch.setattr(absl_logger, 'filters', [])  # restored after the test
+  assert _orbax_info_records(caplog, tmp_path / 'before')  # orbax does log a save at INFO
+
+  checkpoint.quiet_orbax_info_logs()
+  checkpoint.quiet_orbax_info_logs()  # idempotent
+  assert len(absl_logger.filters) == 1
+  assert not _orbax_info_records(caplog, tmp_path / 'after')
+
+  def kept(level, pathname):
+    return bool(absl_logger.filter(logging.LogRecord('absl', level, pathname, 1, 'm', None, None)))
+
+  orbax_file = checkpoint.ocp.__file__
+  assert kept(logging.WARNING, orbax_file)  # orbax's warnings stay
+  assert kept(logging.INFO, checkpoint.__file__)  # and everybody else's INFO
+  assert not kept(logging.INFO, orbax_file)
+  verbosity = absl_logging.get_verbosity()
+  try:
+    absl_logging.set_verbosity(1)  # --verbosity=1 lets them through
+    assert kept(logging.INFO, orbax_file)
+  finally:
+    absl_logging.set_verbosity(verbosity)
