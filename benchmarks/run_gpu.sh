@@ -13,6 +13,7 @@
 # name. The two processes of a comparison share the card, one timing at a time: jax is held
 # to 45% of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION) so that PyTorch fits beside it.
 set -euo pipefail
+shopt -s nullglob  # a benchmark that wrote no JSON leaves nothing to move
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
