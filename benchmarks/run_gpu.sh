@@ -27,7 +27,11 @@ PY
 out=benchmarks/results/gpu
 tmp=$(mktemp -d)
 trap 'rm -rf "${tmp}"' EXIT
-if [[ " $* " == *" --quick "* ]]; then models=densenet121; else models='densenet121 resnet101 vgg16'; fi
+if [[ " $* " == *" --quick "* ]]; then
+  models=densenet121 cam_models=densenet121
+else
+  models='densenet121 resnet101 vgg16' cam_models='densenet121 resnet101'
+fi
 for precision in bf16 fp32; do
   for model in ${models}; do
     for bench in bench_train bench_eval; do
@@ -39,8 +43,7 @@ for precision in bf16 fp32; do
     done
   done
 done
-for arch in densenet121 resnet101; do
-  [[ " $* " == *" --quick "* && ${arch} != densenet121 ]] && continue
+for arch in ${cam_models}; do
   python benchmarks/bench_gradcam.py --device=gpu --arch="${arch}" --batch=16 --repeats=11 \
     --out_dir="${out}"
 done
