@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from drjax.data import builders, images, synthetic
-from drjax.data.builders import eyepacs
+from drjax.data.builders import base, eyepacs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -145,6 +145,49 @@ def test_concurrent_prepare_waits_for_the_build_in_progress(tmp_path):
   assert out.split() == ['True']
   assert info.stat().st_mtime_ns == built_at  # used, not rebuilt
   assert len(_records(builders.make_builder('synthetic_fundus', str(tmp_path), **options))) == 3
+
+
+# Feature specs as first built: a change would make every dataset already on disk unreadable.
+_TEXT = ('Text', (), 'object')
+_STORED = {
+    ('synthetic_fundus', ()): ('n2000_size224_seed0', ('image', 'label'), {
+        'image': ('Image', (224, 224, 3), 'uint8'), 'label': ('ClassLabel', (), 'int64'),
+        'masks': ('Tensor', (224, 224, 5), 'uint8'), 'id': _TEXT, 'patient_id': _TEXT,
+        'eye': _TEXT}),
+    ('eyepacs', ()): ('size512', ('image', 'label'), {
+        'image': ('Image', (512, 512, 3), 'uint8'), 'label': ('ClassLabel', (), 'int64'),
+        'id': _TEXT, 'patient_id': _TEXT, 'eye': _TEXT}),
+    ('aptos2019', (('btgraham', True),)): ('size512_btgraham', ('image', 'label'), {
+        'image': ('Image', (512, 512, 3), 'uint8'), 'label': ('ClassLabel', (), 'int64'),
+        'id': _TEXT, 'patient_id': _TEXT}),
+    ('idrid', (('task', 'grading'),)): ('grading_size512', None, {
+        'image': ('Image', (512, 512, 3), 'uint8'), 'id': _TEXT, 'patient_id': _TEXT,
+        'label': ('ClassLabel', (), 'int64'), 'dme_risk': ('Scalar', (), 'int64')}),
+    ('idrid', (('task', 'segmentation'), ('image_size', 64))): ('segmentation_size64', None, {
+        'image': ('Image', (64, 64, 3), 'uint8'), 'id': _TEXT, 'patient_id': _TEXT,
+        'label': ('Scalar', (), 'int64'), 'masks': ('Tensor', (64, 64, 5), 'uint8'),
+        'optic_disc': ('Tensor', (64, 64), 'uint8')}),
+}
+
+
+@pytest.mark.parametrize('name,options', sorted(_STORED))
+def test_builders_keep_their_stored_feature_specs(name, options, tmp_path):
+  config_name, supervised_keys, features = _STORED[name, options]
+  b = builders.make_builder(name, str(tmp_path), num_workers=3, **dict(options))
+  assert isinstance(b, base.FundusBuilder) and b._num_workers == 3
+  assert (b.name, b.builder_config.name, str(b.version)) == (name, config_name, '1.0.0')
+  assert b.info.supervised_keys == supervised_keys
+  assert {k: (type(f).__name__, f.shape, np.dtype(f.np_dtype).name)
+          for k, f in b.info.features.items()} == features
+  assert b.info.description == sys.modules[type(b).__module__].__doc__.strip()
+  assert pathlib.Path(type(b).code_path) == pathlib.Path(sys.modules[type(b).__module__].__file__)
+
+
+def test_the_base_builder_is_not_a_dataset():
+  imported = tfds.core.registered.list_imported_builders()
+  assert set(builders.BUILDERS) <= set(imported) and 'fundus_builder' not in imported
+  with pytest.raises(TypeError, match='abstract'):
+    base.FundusBuilder(data_dir='unused')
 
 
 # --- real IDRiD layout ----------------------------------------------------------------------

@@ -15,9 +15,8 @@ import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from drjax.data.builders import common
+from drjax.data.builders import base, common
 
 _INSTRUCTIONS = """\
 Download the competition data from
@@ -66,37 +65,25 @@ def eye(image_name: str) -> str:
   return side if side in ('left', 'right') else ''
 
 
-class Eyepacs(tfds.core.GeneratorBasedBuilder):
+class Eyepacs(base.FundusBuilder):
   """Kaggle EyePACS diabetic retinopathy photographs, graded 0-4."""
 
   VERSION = tfds.core.Version('1.0.0')
-  # Set explicitly: tfds's lookup of it needs the `importlib_resources` backport.
-  code_path = epath.Path(__file__)
   RELEASE_NOTES = {'1.0.0': 'Field-of-view crops stored as encoded bytes in ArrayRecord.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   BUILDER_CONFIGS = [make_config(512), make_config(512, btgraham=True)]
+  HOMEPAGE = 'https://www.kaggle.com/c/diabetic-retinopathy-detection'
 
-  def __init__(self, *, num_workers: int | None = None, **kwargs):
-    """num_workers: image-processing processes (None: all CPUs, <= 1: in-process)."""
-    self._num_workers = num_workers
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _features(self):
     s = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(s, s, 3), dtype=np.uint8,
-                                         encoding_format=self.builder_config.image_format),
-            'label': tfds.features.ClassLabel(names=common.GRADE_NAMES),
-            'id': tfds.features.Text(),
-            'patient_id': tfds.features.Text(),
-            'eye': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://www.kaggle.com/c/diabetic-retinopathy-detection',
-    )
+    return {
+        'image': tfds.features.Image(shape=(s, s, 3), dtype=np.uint8,
+                                     encoding_format=self.builder_config.image_format),
+        'label': tfds.features.ClassLabel(names=common.GRADE_NAMES),
+        'id': tfds.features.Text(),
+        'patient_id': tfds.features.Text(),
+        'eye': tfds.features.Text(),
+    }
 
   def _split_generators(self, dl_manager):
     root = pathlib.Path(dl_manager.manual_dir)
@@ -120,7 +107,7 @@ class Eyepacs(tfds.core.GeneratorBasedBuilder):
              for id_, path, grade, _ in matched]
     fn = functools.partial(_process, image_size=cfg.image_size, btgraham=cfg.btgraham,
                            image_format=cfg.image_format)
-    yield from common.generate_examples(items, fn, report, self.data_dir, self._num_workers)
+    yield from self._examples(items, fn, report)
 
 
 def _process(item: common.WorkItem, **kwargs) -> dict:

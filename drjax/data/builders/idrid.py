@@ -21,10 +21,9 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from drjax.data import images
-from drjax.data.builders import common
+from drjax.data.builders import base, common
 
 _INSTRUCTIONS = """\
 Download IDRiD from https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid
@@ -102,22 +101,20 @@ def mask_files(gt_dir: pathlib.Path) -> dict[str, dict[str, pathlib.Path]]:
   return out
 
 
-class Idrid(tfds.core.GeneratorBasedBuilder):
+class Idrid(base.FundusBuilder):
   """IDRiD disease grading and lesion segmentation."""
 
   VERSION = tfds.core.Version('1.0.0')
-  # Set explicitly: tfds's lookup of it needs the `importlib_resources` backport.
-  code_path = epath.Path(__file__)
   RELEASE_NOTES = {'1.0.0': 'Field-of-view crops stored as encoded bytes in ArrayRecord.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
   BUILDER_CONFIGS = [make_config('grading'), make_config('segmentation')]
+  HOMEPAGE = 'https://idrid.grand-challenge.org/'
+  CITATION = ('Porwal P, Pachade S, Kokare M, et al. Indian Diabetic Retinopathy Image '
+              'Dataset (IDRiD). IEEE Dataport, 2018. doi:10.21227/H25W98')
+  # Neither task's stored info has supervised keys (segmentation images carry no grade).
+  SUPERVISED_KEYS = None
 
-  def __init__(self, *, num_workers: int | None = None, **kwargs):
-    """num_workers: image-processing processes (None: all CPUs, <= 1: in-process)."""
-    self._num_workers = num_workers
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _features(self):
     cfg = self.builder_config
     s = cfg.image_size
     features = {
@@ -136,14 +133,7 @@ class Idrid(tfds.core.GeneratorBasedBuilder):
                                                encoding='zlib')
       features['optic_disc'] = tfds.features.Tensor(shape=(s, s), dtype=np.uint8,
                                                     encoding='zlib')
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(features),
-        homepage='https://idrid.grand-challenge.org/',
-        citation='Porwal P, Pachade S, Kokare M, et al. Indian Diabetic Retinopathy Image '
-                 'Dataset (IDRiD). IEEE Dataport, 2018. doi:10.21227/H25W98',
-    )
+    return features
 
   def _split_generators(self, dl_manager):
     root = pathlib.Path(dl_manager.manual_dir)
@@ -189,7 +179,7 @@ class Idrid(tfds.core.GeneratorBasedBuilder):
                                    dme if dme is not None and dme <= 2 else -1))
     fn = functools.partial(_process_grading, image_size=cfg.image_size, btgraham=cfg.btgraham,
                            image_format=cfg.image_format)
-    yield from common.generate_examples(items, fn, report, self.data_dir, self._num_workers)
+    yield from self._examples(items, fn, report)
 
   def _generate_segmentation(self, split, task_dir, image_dir, set_name):
     cfg = self.builder_config
@@ -212,7 +202,7 @@ class Idrid(tfds.core.GeneratorBasedBuilder):
         for id_ in ids]
     fn = functools.partial(_process_segmentation, image_size=cfg.image_size,
                            btgraham=cfg.btgraham, image_format=cfg.image_format)
-    yield from common.generate_examples(items, fn, report, self.data_dir, self._num_workers)
+    yield from self._examples(items, fn, report)
 
 
 def _process_grading(item: common.WorkItem, **kwargs) -> dict:

@@ -15,10 +15,9 @@ import hashlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from drjax.data import images, synthetic
-from drjax.data.builders import common
+from drjax.data.builders import base, common
 
 
 @dataclasses.dataclass
@@ -60,37 +59,24 @@ def plan(num_images: int, seed: int, grade_prior=None) -> list[tuple[str, int, i
           for i, g in enumerate(grades)]
 
 
-class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
+class SyntheticFundus(base.FundusBuilder):
   """Procedural colour fundus photographs with DR grades and pixel-exact lesion masks."""
 
   VERSION = tfds.core.Version('1.0.0')
-  # Set explicitly: tfds's lookup of it needs the `importlib_resources` backport.
-  code_path = epath.Path(__file__)
   RELEASE_NOTES = {'1.0.0': 'PNG images and zlib masks in ArrayRecord.'}
   BUILDER_CONFIGS = [make_config()]
 
-  def __init__(self, *, num_workers: int | None = None, **kwargs):
-    """num_workers: rendering processes (None: all CPUs, <= 1: in-process)."""
-    self._num_workers = num_workers
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _features(self):
     s = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(s, s, 3), dtype=np.uint8,
-                                         encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=common.GRADE_NAMES),
-            'masks': tfds.features.Tensor(shape=(s, s, len(common.LESION_TYPES)),
-                                          dtype=np.uint8, encoding='zlib'),
-            'id': tfds.features.Text(),
-            'patient_id': tfds.features.Text(),
-            'eye': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-    )
+    return {
+        'image': tfds.features.Image(shape=(s, s, 3), dtype=np.uint8, encoding_format='png'),
+        'label': tfds.features.ClassLabel(names=common.GRADE_NAMES),
+        'masks': tfds.features.Tensor(shape=(s, s, len(common.LESION_TYPES)), dtype=np.uint8,
+                                      encoding='zlib'),
+        'id': tfds.features.Text(),
+        'patient_id': tfds.features.Text(),
+        'eye': tfds.features.Text(),
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
@@ -105,7 +91,7 @@ class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
     items = [common.WorkItem(id_, '', grade, id_, ex_seed) for id_, ex_seed, grade in examples]
     report = common.SkipReport(f'synthetic_fundus/{self.builder_config.name}', split)
     fn = functools.partial(_render, image_size=self.builder_config.image_size)
-    yield from common.generate_examples(items, fn, report, self.data_dir, self._num_workers)
+    yield from self._examples(items, fn, report)
 
 
 def _render(item: common.WorkItem, image_size: int) -> dict:
