@@ -1,4 +1,4 @@
-"""On-device image augmentation for fundus photographs (issue 3, section 5).
+"""On-device image augmentation for fundus photographs.
 
 The paper augments with "random rotation, horizontal flip, vertical flip,
 translation, random grayscale, and random color change". Here they run inside
@@ -60,6 +60,42 @@ def _affine_matrix(angle: jax.Array, shift: jax.Array, height: int, width: int) 
   return m.at[:2, 3].set(offset)
 
 
+def _fields(config: mlc.ConfigDict) -> dict:
+  """The augmentation fields of `config` (missing ones off); raises on unknown or bad ones."""
+  unknown = set(config.keys()) - set(_FIELDS)
+  if unknown:
+    raise ValueError(f'unknown augmentation fields {sorted(unknown)}; known: {_FIELDS}')
+  cfg = {k: config.get(k, 0) for k in _FIELDS}
+  if not 0 <= cfg['hue'] <= 0.5:
+    raise ValueError(f"hue must be in [0, 0.5], got {cfg['hue']}")
+  for k in ('brightness', 'contrast', 'saturation'):
+    if not 0 <= cfg[k] <= 1:
+      raise ValueError(f'{k} must be in [0, 1], got {cfg[k]}')
+  return cfg
+
+
+def _jitter_colour(x: jax.Array, keys: jax.Array, cfg: dict) -> jax.Array:
+  """torchvision-style colour jitter and random grayscale of one image [H, W, 3] in [0, 1],
+  with keys[4:9]."""
+
+  def uniform(key, amount):
+    return jax.random.uniform(key, (), minval=1.0 - amount, maxval=1.0 + amount)
+
+  if cfg['brightness']:
+    x = jnp.clip(x * uniform(keys[4], cfg['brightness']), 0.0, 1.0)
+  if cfg['contrast']:
+    x = jnp.clip(pix.adjust_contrast(x, uniform(keys[5], cfg['contrast'])), 0.0, 1.0)
+  if cfg['saturation']:
+    x = jnp.clip(pix.adjust_saturation(x, uniform(keys[6], cfg['saturation'])), 0.0, 1.0)
+  if cfg['hue']:
+    delta = jax.random.uniform(keys[7], (), minval=-cfg['hue'], maxval=cfg['hue'])
+    x = jnp.clip(pix.adjust_hue(x, delta), 0.0, 1.0)
+  if cfg['grayscale_prob']:
+    gray = jnp.broadcast_to(pix.rgb_to_grayscale(x, keep_dims=True), x.shape)
+    x = jnp.where(jax.random.bernoulli(keys[8], cfg['grayscale_prob']), gray, x)
+  return x
+
+
 def make_augment_fn(config: mlc.ConfigDict) -> AugmentFn:
   """Builds the jitted batch augmentation described by `config` (see `default_config`).
 
@@ -70,15 +106,7 @@ def make_augment_fn(config: mlc.ConfigDict) -> AugmentFn:
     (nearest neighbour, zero outside) and keep their dtype; None stays None.
     Deterministic given rng; each example gets its own draw.
   """
-  unknown = set(config.keys()) - set(_FIELDS)
-  if unknown:
-    raise ValueError(f'unknown augmentation fields {sorted(unknown)}; known: {_FIELDS}')
-  cfg = {k: config.get(k, 0) for k in _FIELDS}
-  if not 0 <= cfg['hue'] <= 0.5:
-    raise ValueError(f"hue must be in [0, 0.5], got {cfg['hue']}")
-  for k in ('brightness', 'contrast', 'saturation'):
-    if not 0 <= cfg[k] <= 1:
-      raise ValueError(f'{k} must be in [0, 1], got {cfg[k]}')
+  cfg = _fields(config)
   warp = bool(cfg['rotation_deg']) or bool(cfg['translate_frac'])
   colour = any(cfg[k] for k in ('brightness', 'contrast', 'saturation', 'hue', 'grayscale_prob'))
 
@@ -106,24 +134,8 @@ def make_augment_fn(config: mlc.ConfigDict) -> AugmentFn:
       mask = geometry(mask.astype(jnp.float32), order=0).astype(mask.dtype)
     if not colour:
       return x, mask
-    x = x / 255.0  # dm-pix colour ops expect [0, 1].
-
-    def uniform(key, amount):
-      return jax.random.uniform(key, (), minval=1.0 - amount, maxval=1.0 + amount)
-
-    if cfg['brightness']:
-      x = jnp.clip(x * uniform(keys[4], cfg['brightness']), 0.0, 1.0)
-    if cfg['contrast']:
-      x = jnp.clip(pix.adjust_contrast(x, uniform(keys[5], cfg['contrast'])), 0.0, 1.0)
-    if cfg['saturation']:
-      x = jnp.clip(pix.adjust_saturation(x, uniform(keys[6], cfg['saturation'])), 0.0, 1.0)
-    if cfg['hue']:
-      delta = jax.random.uniform(keys[7], (), minval=-cfg['hue'], maxval=cfg['hue'])
-      x = jnp.clip(pix.adjust_hue(x, delta), 0.0, 1.0)
-    if cfg['grayscale_prob']:
-      gray = jnp.broadcast_to(pix.rgb_to_grayscale(x, keep_dims=True), x.shape)
-      x = jnp.where(jax.random.bernoulli(keys[8], cfg['grayscale_prob']), gray, x)
-    return x * 255.0, mask
+    # dm-pix colour ops expect [0, 1].
+    return _jitter_colour(x / 255.0, keys, cfg) * 255.0, mask
 
   @jax.jit
   def augment_fn(rng: jax.Array, images: jax.Array, masks: jax.Array | None = None):
