@@ -2,17 +2,19 @@ r"""Builds one of drjax's tfds datasets (ArrayRecord, no TensorFlow needed).
 
   python scripts/prepare_data.py --dataset eyepacs --manual_dir ~/kaggle/eyepacs \
       --image_size 512 [--btgraham] [--data_dir ~/tensorflow_datasets]
-  python scripts/prepare_data.py --dataset idrid --manual_dir ../shared/data/idrid \
+  python scripts/prepare_data.py --dataset idrid --manual_dir /path/to/idrid \
       --idrid_task segmentation
   python scripts/prepare_data.py --dataset synthetic_fundus --num_images 2000 --image_size 224
 
 Bad files are skipped; the summary is printed at the end and written as
-build_report_<split>.json beside the data. Exit status 1 if nothing usable was found.
+build_report_<split>.json beside the data. A missing or empty --manual_dir, or nothing usable
+in it, is one ERROR line on stderr (followed by the download instructions or the skip
+summary) and exit status 1.
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from drjax.data import builders
 
@@ -48,7 +50,7 @@ def main(argv):
     builder = builders.prepare(name, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
                                num_workers=_NUM_WORKERS.value, **options)
   except builders.NoUsableDataError as e:
-    logging.error('%s', e)
+    # The user's files, not the code, are at fault: no traceback.
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(1)
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}

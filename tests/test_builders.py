@@ -369,19 +369,44 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
                                    image_size=32).is_prepared()
 
 
+def _prepare_data(*args) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(REPO / 'scripts' / 'prepare_data.py'), *args],
+                        capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(REPO)},
+                        timeout=300)
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if 'ERROR: ' in line]
+
+
 def test_prepare_data_script(tmp_path):
-  env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  ok = subprocess.run(
-      [sys.executable, str(REPO / 'scripts' / 'prepare_data.py'), '--dataset=synthetic_fundus',
-       '--num_images=3', '--image_size=32', '--num_workers=1', f'--data_dir={tmp_path}'],
-      capture_output=True, text=True, env=env, timeout=300)
+  ok = _prepare_data('--dataset=synthetic_fundus', '--num_images=3', '--image_size=32',
+                     '--num_workers=1', f'--data_dir={tmp_path}')
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "{'train': 3}" in ok.stdout
   root = _aptos(tmp_path / 'aptos', {'c': 0}, {'c': b'garbage'})
-  bad = subprocess.run(
-      [sys.executable, str(REPO / 'scripts' / 'prepare_data.py'), '--dataset=aptos2019',
-       f'--manual_dir={root}', '--image_size=32', '--num_workers=1',
-       f'--data_dir={tmp_path}'], capture_output=True, text=True, env=env, timeout=300)
+  bad = _prepare_data('--dataset=aptos2019', f'--manual_dir={root}', '--image_size=32',
+                      '--num_workers=1', f'--data_dir={tmp_path}')
   assert bad.returncode == 1
-  assert 'No usable examples' in bad.stderr and 'cannot decode image' in bad.stderr
+  assert [line.split('ERROR: ')[1] for line in _error_lines(bad.stderr)] == [
+      'No usable examples in aptos2019 train.']
+  # The skip summary follows the error, once.
+  assert bad.stderr.count('cannot decode image') == 1
   assert 'Traceback' not in bad.stderr
+
+
+def test_prepare_data_script_reports_user_errors_in_one_line(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  for manual_dir in (empty, tmp_path / 'missing'):
+    out = _prepare_data('--dataset=idrid', f'--manual_dir={manual_dir}',
+                        f'--data_dir={tmp_path / "tfds"}')
+    assert out.returncode == 1
+    assert _error_lines(out.stderr) == [
+        f'ERROR: idrid: manual_dir {manual_dir} does not exist or is empty.']
+    assert out.stderr.count('does not exist or is empty') == 1
+    assert 'Download IDRiD from' in out.stderr and 'Traceback' not in out.stderr
+  unknown = _prepare_data('--dataset=idrid', '--no_such_option=1')
+  assert unknown.returncode == 1
+  assert "Unknown command line flag 'no_such_option'" in unknown.stderr
+  assert 'Traceback' not in unknown.stderr

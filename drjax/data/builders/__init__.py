@@ -74,7 +74,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
     raise NoUsableDataError(f'{name} needs --manual_dir.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   if manual_dir and not (os.path.isdir(os.path.expanduser(manual_dir))
                          and os.listdir(os.path.expanduser(manual_dir))):
-    raise NoUsableDataError(f'manual_dir {manual_dir} does not exist or is empty.\n'
+    raise NoUsableDataError(f'{name}: manual_dir {manual_dir} does not exist or is empty.\n'
                             f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   download_config = tfds.download.DownloadConfig(
       manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,

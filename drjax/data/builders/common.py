@@ -79,19 +79,20 @@ class SkipReport:
     return path
 
   def finish(self, directory: str | os.PathLike | None) -> None:
-    """Logs the summary, writes the report, raises if nothing was written."""
+    """Writes the report; logs the summary, or raises with it if nothing was written."""
     text = self.summary()
     if directory is not None:
       # `directory` is tfds's temporary build folder, deleted if the build fails: a failed
       # build's report goes to the config folder above it instead.
       path = self.write(directory if self.num_written else pathlib.Path(directory).parent)
       text += f'\n  full list: {path}'
-    if self.skipped or not self.num_written:
+    if not self.num_written:
+      # Not logged as well: whoever reports the error would show the summary twice.
+      raise NoUsableDataError(f'No usable examples in {self.dataset} {self.split}.\n{text}')
+    if self.skipped:
       logging.warning('%s', text)
     else:
       logging.info('%s', text)
-    if not self.num_written:
-      raise NoUsableDataError(f'No usable examples.\n{text}')
 
 
 def parse_grade(value: Any) -> int | None:
