@@ -285,8 +285,8 @@ def _batched(ds: grain.MapDataset, config_input: mlc.ConfigDict,
   """Batches, then reads whole batches on `num_workers` threads.
 
   Batching before `to_iter_dataset` makes a batch the unit of work of a reader thread:
-  grain's per-element overhead (~0.3 ms) then is paid once per batch, and images still decode
-  in parallel (PIL/OpenCV release the GIL) across the batches in flight.
+  grain's per-element overhead then is paid once per batch, and images still decode in
+  parallel (PIL/OpenCV release the GIL) across the batches in flight.
   """
   threads = max(1, config_input.num_workers)
   options = grain.ReadOptions(num_threads=threads,
