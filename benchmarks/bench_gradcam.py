@@ -12,13 +12,10 @@ and Grad-CAM once each (in alternating order), so Grad-CAM over the own forward 
 per repeat as well as Grad-CAM against Grad-CAM:
 - drjax: `drjax.gradcam.gradcam(model, variables, images)` on the model's default CAM
   layer, called as a user calls it, and the jitted forward pass alone; XLA's FLOP count
-  of Grad-CAM relative to the forward. With `--one_device_per_core`, as
-  `scripts/cam_study.py --one_device_per_core`, jax has one CPU device per core
-  (`drjax.host.one_cpu_device_per_core`) and the batch is split over them
-  (`drjax.cam_study.split_over_devices`, variables replicated); on one core that is
-  one device. As `drjax.cam_study` does, both take variables with the Winograd kernels of
-  the CPU convolutions computed once (`drjax.models.with_winograd_kernels`; rather
-  computed in every call with `--no_winograd_kernels`).
+  of Grad-CAM relative to the forward. The batch is split over jax's devices as
+  `drjax.cam_study` splits it (`drjax.mesh.shard_padded`, variables replicated); with
+  `--one_device_per_core` jax has one CPU device per core (JAX_NUM_CPU_DEVICES), else one.
+  `--cpu_conv`: the opt-in CPU convolutions (`drjax.kernels.cpu_conv`).
 - PyTorch: pytorch-grad-cam's `GradCAM` on the same layer of the torchvision model, and
   the model's own forward under `torch.no_grad()`.
 Random weights (timing does not depend on them), float32, 1000 classes (ImageNet heads,
@@ -49,19 +46,20 @@ def _jax_worker(spec: dict) -> dict:
   import jax
   import numpy as np
 
-  from drjax import cam_study, gradcam, models, train
+  from drjax import gradcam, models
+  from drjax import mesh as mesh_lib
+  from drjax.kernels import cpu_conv
 
-  model = models.get_model(spec['arch'], num_classes=1000)
+  model = models.get_model(spec['arch'], num_classes=1000,
+                           conv_general_dilated=cpu_conv.make() if spec['cpu_conv'] else None)
   size = spec['image_size']
   x = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3), np.float32)
-  variables = jax.jit(lambda z: model.init(jax.random.key(0), z, train=False))(x[:1])
-  # As cam_study.compute_heatmaps places them: the batch split over the devices (one,
-  # or one per core with --one_device_per_core), the variables replicated.
-  mesh = train.make_mesh(jax.local_devices())
-  x = cam_study.split_over_devices(x, mesh)
-  variables = train.replicate(variables, mesh)
-  if spec['winograd_kernels']:  # as cam_study.compute_heatmaps, for both timed calls
-    variables = models.with_winograd_kernels(model, variables)
+  variables = models.init_variables(model, jax.random.key(0), size)
+  # As cam_study.compute_heatmaps places them: the batch split over the devices, the
+  # variables replicated.
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  x = mesh_lib.shard_padded(x, mesh)
+  variables = mesh_lib.replicate(variables, mesh)
   forward = jax.jit(lambda v, z: model.apply(v, z, train=False))
   # Grad-CAM timed as a user calls it (the function jits its core itself); the jitted
   # wrapper below is only for XLA's FLOP count.
@@ -114,8 +112,7 @@ def worker(spec: dict) -> dict:
   if spec['framework'] == 'torch':
     common.limit_torch_threads(spec['threads'])
   elif spec['one_device_per_core']:
-    from drjax import host
-    host.one_cpu_device_per_core()  # as scripts/cam_study.py --one_device_per_core
+    os.environ['JAX_NUM_CPU_DEVICES'] = str(len(applied['cpu_affinity']))  # before jax starts
   result = (_jax_worker if spec['framework'] == 'jax' else _torch_worker)(spec)
   for key in ('gradcam', 'forward'):
     result[key]['images_per_s'] = spec['batch'] / result[key]['median_s']
@@ -136,8 +133,7 @@ def main():
   common.add_device_flags(parser)
   parser.add_argument('--one_device_per_core', action='store_true',
                       help='drjax: one jax CPU device per core, the batch split over them')
-  parser.add_argument('--no_winograd_kernels', dest='winograd_kernels', action='store_false',
-                      help='drjax: transform the Winograd kernels in every call, not once')
+  common.add_cpu_conv_flag(parser)
   common.add_keep_freed_memory_flag(parser)
   common.add_interleave_flag(parser)
   parser.add_argument('--quick', action='store_true', help='batch 2, 1 warm-up, 2 repeats')
@@ -158,8 +154,8 @@ def main():
   specs = [dict(framework=framework, arch=args.arch, batch=args.batch,
                 image_size=args.image_size, threads=threads, warmup=args.warmup,
                 repeats=args.repeats, keep_freed_memory=args.keep_freed_memory,
-                one_device_per_core=args.one_device_per_core,
-                winograd_kernels=args.winograd_kernels, device=args.device,
+                one_device_per_core=args.one_device_per_core, cpu_conv=args.cpu_conv,
+                device=args.device,
                 calls_per_repeat=common.calls_per_repeat(args))
            for framework in args.frameworks.split(',')]
   print(f"[bench_gradcam] {args.frameworks}: {args.arch} batch {args.batch} on {args.device} "
@@ -191,7 +187,7 @@ def main():
   where = f'{threads}' if args.device == 'cpu' else common.machine().get('gpu', 'GPU')
   where += (', freed memory kept' if args.keep_freed_memory else '') + \
       (', a device per core' if args.one_device_per_core else '') + \
-      ('' if args.winograd_kernels else ', Winograd kernels in every call')
+      (', cpu_conv' if args.cpu_conv else '')
   line = (f"| {args.arch} {ours.get('layer', '?')} | {args.image_size} px | batch {args.batch} | "
           f"{where} | {rate(ours, 'gradcam'):.2f} | {rate(theirs, 'gradcam'):.2f} | "
           f"{summary['speedup_vs_pytorch_grad_cam']:.2f}x | "
@@ -212,7 +208,7 @@ def main():
   suffix = ('_quick' if args.quick else '') + ('' if args.device == 'cpu' else '_gpu') + \
       ('_keep_freed_memory' if args.keep_freed_memory else '') + \
       ('_one_device_per_core' if args.one_device_per_core else '') + \
-      ('' if args.winograd_kernels else '_no_winograd_kernels')
+      ('_cpu_conv' if args.cpu_conv else '')
   path = common.write_json(f'bench_gradcam_{args.arch}{suffix}', payload, args.out_dir)
   print(table)
   print(f"drjax Grad-CAM / own forward: {summary['drjax_gradcam_over_own_forward']:.2f}x, per "

@@ -8,8 +8,8 @@ process, so that
     imported; XLA sizes its thread pools from that affinity, and torch gets
     `torch.set_num_threads(N)`. With N = 1 XLA's multi-threaded Eigen is also switched off
     (`--xla_cpu_multi_thread_eigen=false`);
-  * with `--keep_freed_memory`, both sides run with drjax.host.keep_freed_memory(), as
-    drjax's scripts do (glibc malloc keeps freed memory; see drjax/host.py);
+  * with `--keep_freed_memory`, both sides start with `KEEP_FREED_MEMORY` in GLIBC_TUNABLES
+    (glibc's malloc keeps freed memory for reuse instead of unmapping it);
   * the peak memory (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) belongs to that
     measurement alone, not to whatever ran before it;
   * XLA flags and caches from one measurement cannot leak into the next.
@@ -93,24 +93,22 @@ def limit_threads(threads: int | None) -> dict:
   return applied
 
 
+# glibc's malloc with one arena, nothing mapped apart and nothing given back: a step's large
+# buffers are reused instead of mapped (and zeroed by the kernel) afresh on every call.
+KEEP_FREED_MEMORY = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+                     'glibc.malloc.trim_threshold=2147483647')
+
+
 def prepare_process(spec: dict) -> dict:
   """A worker's process settings, before jax or torch is imported; returns what was applied.
 
-  The thread limits of `limit_threads`, and with `spec['keep_freed_memory']`
-  drjax.host.keep_freed_memory() (glibc malloc keeps freed memory for reuse), which is
-  applied to the PyTorch side too, so that a ratio compares the frameworks, not the
-  allocator settings.
+  The thread limits of `limit_threads`; the allocator settings were given to the process
+  when it started (`_worker_command`), and are recorded here.
   """
   global _lockstep
   _lockstep = bool(spec.get('lockstep'))
   applied = limit_threads(spec['threads'])
-  applied['keep_freed_memory'] = False
-  if spec.get('keep_freed_memory'):
-    from drjax import host
-    applied['keep_freed_memory'] = host.keep_freed_memory()
-    if not applied['keep_freed_memory']:
-      raise RuntimeError('--keep_freed_memory: drjax.host.keep_freed_memory() was not applied '
-                         '(no glibc, or DRJAX_KEEP_FREED_MEMORY=0)')
+  applied['glibc_tunables'] = os.environ.get('GLIBC_TUNABLES', '')
   return applied
 
 
@@ -275,6 +273,8 @@ def emit(result: dict) -> None:
 def _worker_command(script: str, spec: dict) -> tuple[list[str], dict]:
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH', '')) if p)
+  if spec.get('keep_freed_memory'):
+    env['GLIBC_TUNABLES'] = KEEP_FREED_MEMORY  # read by glibc when the process starts
   return [sys.executable, script, '--worker', json.dumps(spec)], env
 
 
@@ -562,6 +562,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                            'PyTorch autocast(bfloat16) (AMP)')
   parser.add_argument('--frameworks', default='jax,torch')
   add_keep_freed_memory_flag(parser)
+  add_cpu_conv_flag(parser)
   add_interleave_flag(parser)
   parser.add_argument('--quick', action='store_true',
                       help='densenet121, batch 16, 2 warm-up + 3 timed steps (1-2 min)')
@@ -583,8 +584,13 @@ def calls_per_repeat(args) -> int:
 
 def add_keep_freed_memory_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--keep_freed_memory', action='store_true',
-                      help='both sides run with drjax.host.keep_freed_memory() (what drjax\'s '
-                           'scripts do): glibc malloc keeps freed memory instead of unmapping it')
+                      help='both sides start with GLIBC_TUNABLES=KEEP_FREED_MEMORY: glibc '
+                           'malloc keeps freed memory instead of unmapping it')
+
+
+def add_cpu_conv_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--cpu_conv', action='store_true',
+                      help='drjax: the opt-in XLA:CPU convolutions (drjax.kernels.cpu_conv)')
 
 
 def add_interleave_flag(parser: argparse.ArgumentParser) -> None:
@@ -617,7 +623,7 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
                 trainable_source=freezing[m][2],
                 threads=threads, warmup=args.warmup, repeats=args.repeats,
                 keep_freed_memory=args.keep_freed_memory, device=args.device,
-                precision=args.precision,
+                precision=args.precision, cpu_conv=args.cpu_conv,
                 channels_last=getattr(args, 'torch_channels_last', False),
                 calls_per_repeat=calls_per_repeat(args))
            for m in args.models.split(',') for b in args.batch_sizes.split(',')
@@ -636,13 +642,15 @@ def run_benchmark(script: str, name: str, what: str, args) -> dict:
                                 f"{len(r['times_s'])}, first call {r['first_call_s']:.1f} s, "
                                 f"peak RSS {r['peak_rss_mib']:.0f} MiB)")
   rows = pair_rows(results)
-  table = readme_rows(what, rows, threads, args.device, args.keep_freed_memory)
+  table = readme_rows(what + (' (cpu_conv)' if args.cpu_conv else ''), rows, threads,
+                      args.device, args.keep_freed_memory)
   payload = dict(benchmark=name, description=what, threads=threads, machine=machine(),
                  versions=versions(), args=vars(args), rows=rows, results=results,
                  readme=table, time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
   suffix = ('_quick' if args.quick else '') + ('' if args.device == 'cpu' else '_gpu') + \
       ('' if args.precision == 'fp32' else f'_{args.precision}') + \
-      ('_keep_freed_memory' if args.keep_freed_memory else '')
+      ('_keep_freed_memory' if args.keep_freed_memory else '') + \
+      ('_cpu_conv' if args.cpu_conv else '')
   path = write_json(name + suffix, payload, args.out_dir)
   print(table)
   print(f'results: {path}')

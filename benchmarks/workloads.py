@@ -2,9 +2,9 @@
 
 drjax: `drjax.train.make_train_step` (the paper's fine-tuning step: gradients of the
 trainable partition only, Adam, cross-entropy, frozen BatchNorms in inference mode) and
-`drjax.train.eval_step` (with the Winograd kernels computed once, as `train.evaluate`
-does), fed uint8 NHWC images as drjax's pipeline delivers them (the step normalises on
-device). No augmentation on either side.
+`drjax.evaluate.eval_step`, fed uint8 NHWC images as drjax's pipeline delivers them (the
+step normalises on device), with the opt-in CPU convolutions if `spec['cpu_conv']`. No
+augmentation on either side.
 
 PyTorch: a torchvision model with `requires_grad=False` on the frozen parameters,
 `model.train()`, `torch.optim.Adam` over the trainable parameters, `F.cross_entropy`,
@@ -74,31 +74,32 @@ def fake_batch(batch_size: int, image_size: int, seed: int = 0):
 
 
 def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
-                 precision: str, device: str, freezing: tuple[list[str], bool, str]):
+                 precision: str, device: str, freezing: tuple[list[str], bool, str],
+                 cpu_conv: bool = False):
   """Returns (blocking step callable, info dict) for drjax."""
   import jax
   import jax.numpy as jnp
   import optax
 
-  from drjax import freeze, models, train
+  from drjax import evaluate, freeze, models, train
+  from drjax.kernels import cpu_conv as cpu_conv_lib
 
   platform = 'gpu' if device == 'gpu' else 'cpu'
   dev = jax.devices(platform)[0]
   kwargs = {'dtype': jnp.bfloat16} if precision == 'bf16' else {}
+  if cpu_conv:
+    kwargs['conv_general_dilated'] = cpu_conv_lib.make()
   model = models.get_model(model_name, num_classes=NUM_CLASSES, **kwargs)
   images, labels = fake_batch(batch_size, image_size)
   with jax.default_device(dev):
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-    # Committed to the device, like train.replicate does: an uncommitted first state would
+    variables = models.init_variables(model, jax.random.key(0), image_size)
+    # Committed to the device, like mesh.replicate does: an uncommitted first state would
     # make the second call (fed the committed output of the first) compile again.
-    variables = jax.device_put(
-        {k: variables[k] for k in ('params', 'batch_stats') if k in variables}, dev)
+    variables = jax.device_put(variables, dev)
     images = jax.device_put(images, dev)
     info = dict(jax_devices=str(jax.devices(platform)))
     if mode == 'eval':
-      eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
-      variables = models.with_winograd_kernels(model, variables)  # as train.evaluate
+      eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=model))
 
       def run():
         eval_fn(variables, images).block_until_ready()
@@ -216,6 +217,8 @@ def worker(spec: dict, mode: str) -> dict:
                           spec['trainable_source']))
   if spec['framework'] == 'torch' and spec.get('channels_last'):
     kwargs['channels_last'] = True
+  if spec['framework'] == 'jax':
+    kwargs['cpu_conv'] = bool(spec.get('cpu_conv'))
   run, info = build(mode, spec['model'], spec['batch_size'], spec['image_size'],
                     spec['precision'], spec['device'], **kwargs)
   rss_built = common.current_rss_mib()

@@ -18,15 +18,14 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from scipy import ndimage
 
-from drjax import cam_figures, gradcam, localize, models
+from drjax import cam_figures, gradcam, localize
+from drjax import mesh as mesh_lib
 
 LESION_TYPES = localize.DEFAULT_LESION_TYPES
 DEFAULT_METHODS = ('gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam')
@@ -180,18 +179,6 @@ def area_table(examples: Sequence[Example], shapes: dict[str, tuple]) -> dict[st
   return out
 
 
-def split_over_devices(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """`x [n, ...]` sharded on its first axis over `mesh`.
-
-  Padded to a multiple of the device count with copies of its last row (a real image,
-  so no all-zero-gradient warning), whose results the caller drops.
-  """
-  pad = -len(x) % mesh.devices.size
-  if pad:
-    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-  return jax.device_put(x, NamedSharding(mesh, P('data')))
-
-
 def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequence[str],
                      methods: Sequence[str] = DEFAULT_METHODS, *, targets=None,
                      fusion: bool = True, pixel_methods: Sequence[str] = ('gradients',),
@@ -204,24 +191,19 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
   ('fusion@' + '+'.join(layers)); `pixel_methods` adds input-level attributions
   ('gradients@input').
 
-  Each batch is split over this process's devices (with one CPU device per core, see
-  `drjax.host.one_cpu_device_per_core`, the cores run their shares side by side); the
-  variables are copied to each device once, with the Winograd kernels of the CPU's
-  convolutions computed once (`drjax.models.with_winograd_kernels`).
+  Each batch is split over this process's devices, the variables copied to each device once.
   """
-  from drjax import train
-
   size = tuple(images_uint8.shape[1:3])
   gradient_methods = [m for m in methods if m != 'scorecam']
-  mesh = train.make_mesh(jax.local_devices())
-  variables = models.with_winograd_kernels(model, train.replicate(variables, mesh))
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  variables = mesh_lib.replicate(variables, mesh)
   out: dict[str, list] = {}
   for i in range(0, len(images_uint8), batch_size):
     batch = images_uint8[i:i + batch_size]
     n = len(batch)
-    x = split_over_devices(batch, mesh)
+    x = mesh_lib.shard_padded(batch, mesh)
     t = (targets if targets is None or callable(targets)
-         else split_over_devices(np.asarray(targets)[i:i + batch_size], mesh))
+         else mesh_lib.shard_padded(np.asarray(targets)[i:i + batch_size], mesh))
     core = gradcam.activations_and_grads(model, variables, x, layer=tuple(layers), targets=t)
     maps = _gradient_maps(core['acts'], core['grads'], methods=tuple(gradient_methods),
                           layers=tuple(layers), size=size, fusion=fusion)
@@ -242,11 +224,8 @@ def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequenc
 
 @functools.partial(jax.jit, static_argnames=('methods', 'layers', 'size', 'fusion'))
 def _gradient_maps(acts, grads, *, methods, layers, size, fusion):
-  """Every gradient method's post-processed maps at every layer, and their fusion: one program.
-
-  Eagerly these were some 15 small ops per map (about 4 s of first-use compiles for five
-  methods at three layers, and a dispatch each per batch).
-  """
+  """Every gradient method's post-processed maps at every layer, and their fusion: one program,
+  rather than some 15 small eager ops (and first-use compiles) per map."""
   maps = {f'{m}@{layer}': gradcam.postprocess(gradcam.CAM_MAPS[m](acts[layer], grads[layer]),
                                               size)
           for m in methods for layer in layers}
@@ -477,22 +456,7 @@ def write_report(result: dict, heatmaps: dict[str, np.ndarray], examples: Sequen
 
 
 # ----------------------------------------------------------------------------
-# explain: single images from files (scripts/explain.py).
-
-
-def list_images(paths: Iterable[str]) -> list[pathlib.Path]:
-  out = []
-  for p in paths:
-    p = pathlib.Path(p)
-    if p.is_dir():
-      out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
-    elif p.is_file():
-      out.append(p)
-    else:
-      raise FileNotFoundError(f'no image or folder at {p}')
-  if not out:
-    raise FileNotFoundError(f'no images found in {list(paths)}')
-  return out
+# Masks of single images (drjax.explain).
 
 
 def load_masks_for(stem: str, masks_dir: pathlib.Path, box, decoded, image_size: int):
@@ -521,47 +485,6 @@ def load_masks_for(stem: str, masks_dir: pathlib.Path, box, decoded, image_size:
     mask = dimages.load_mask(files[t])
     out.append(dimages.resize_mask(mask, dimages.scale_box(box, decoded, mask.size), image_size))
   return dimages.stack_masks(out, image_size)
-
-
-def explain(model, variables, image_paths: Sequence[pathlib.Path], out_dir, *,
-            image_size: int, method: str = 'gradcam', layer: str | None = None,
-            masks_dir=None, targets=None, tolerance: float = 15,
-            btgraham: bool = False) -> dict:
-  """Figure 5 per image (fundus | heatmap | overlay), heatmaps.npz and, with masks, scores.json."""
-  from drjax.data import images as dimages
-
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  fn = gradcam.get_method(method)
-  layer_name = layer or model.default_cam_layer
-  stems, heatmaps, per_image, summary = [], {}, [], {}
-  for path in image_paths:
-    image, box, decoded = dimages.preprocess_fundus(path, image_size, btgraham=btgraham)
-    heat = np.asarray(fn(model, variables, image[None], layer=layer, targets=targets))[0]
-    probs = np.asarray(jax.nn.softmax(model.apply(
-        {k: v for k, v in variables.items() if k in ('params', 'batch_stats')},
-        gradcam.prepare_images(image[None]), train=False), -1))[0]
-    masks = (load_masks_for(path.stem, pathlib.Path(masks_dir), box, decoded, image_size)
-             if masks_dir else None)
-    title = f'{path.stem}: grade {int(probs.argmax())} (p={probs.max():.2f}), ' \
-            f'{method} @ {layer_name}'
-    cam_figures.figure5(image, heat, str(out_dir / f'{path.stem}_{method}.png'), title=title,
-                        mask=None if masks is None else masks.any(-1))
-    heatmaps[path.stem] = heat
-    stems.append(path.stem)
-    entry = dict(predicted_grade=int(probs.argmax()), probs=probs.round(4).tolist())
-    if masks is not None:
-      entry['scores'] = localize.score_lesions(heat, masks, LESION_TYPES, tolerance)
-      per_image.append(entry['scores'])
-    summary[path.stem] = entry
-  np.savez_compressed(out_dir / f'heatmaps_{method}.npz', **heatmaps)
-  report = dict(method=method, layer=layer_name, image_size=image_size, tolerance=tolerance,
-                images=summary)
-  if per_image:
-    report['mean'] = localize.aggregate(per_image)
-  with open(out_dir / f'scores_{method}.json', 'w') as f:
-    json.dump(report, f, indent=1, default=float)
-  return report
 
 
 def _model_info(workdir: pathlib.Path, config, dataset: str) -> dict:
@@ -595,12 +518,12 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
   15 px at the paper's 224 px to it (about 4 px at 64 px), so that a hit means
   the same fraction of the fundus at any size.
   """
-  from drjax import train
+  from drjax import evaluate
 
   out_dir = pathlib.Path(out_dir)
   sections = []
   for workdir in workdirs:
-    config, model, variables = train.load_run(workdir)
+    config, model, variables = evaluate.load_run(workdir)
     size = image_size or config.input.image_size
     examples = load_examples(dataset, num_images, size, seed=seed, idrid_dir=idrid_dir,
                              btgraham=bool(config.input.get('btgraham', False)),

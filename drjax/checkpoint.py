@@ -28,6 +28,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from drjax import errors
+
 _ITEMS = ('variables', 'train', 'meta')
 
 # Meta fields that must agree between a checkpoint and the run that resumes it.
@@ -37,10 +39,9 @@ COMPAT_KEYS = ('model', 'num_classes', 'config_trainable')
 def quiet_orbax_info_logs() -> None:
   """Keeps orbax's INFO records out of the log; its warnings and errors still show.
 
-  Orbax logs every phase of a save at INFO through absl: 140 of the 157 lines a
-  `configs/densenet.py:smoke` run wrote to stderr, burying the run's own lines and its
-  progress bar. The command-line scripts call this; absl's `--verbosity=1` (or more)
-  lets them through again. Idempotent.
+  Orbax logs every phase of a save at INFO through absl, burying a run's own lines and its
+  progress bar. `drjax.runtime.setup` calls this; absl's `--verbosity=1` (or more) lets them
+  through again. Idempotent.
   """
   absl_logger = absl_logging.get_absl_logger()
   if not any(isinstance(f, _OrbaxInfoFilter) for f in absl_logger.filters):
@@ -57,11 +58,11 @@ class _OrbaxInfoFilter(logging.Filter):
             or not os.path.abspath(record.pathname).startswith(self._ORBAX_DIR))
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.UserError, ValueError):
   """The workdir's checkpoint belongs to a different model or recipe."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """No checkpoint in the workdir could be restored."""
 
 

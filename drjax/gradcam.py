@@ -23,10 +23,7 @@ each image's logits (e.g. `referable_dr_target`).
 
 The computation follows its inputs' placement, as `jax.jit` does: images sharded on
 the batch axis over several devices, with the variables replicated, split the batch
-over them (`drjax.cam_study.compute_heatmaps` does so; on CPU see
-`drjax.host.one_cpu_device_per_core`). For many calls with the same weights on a CPU,
-`variables = drjax.models.with_winograd_kernels(model, variables)` first computes what
-the convolutions derive from the weights once (ResNet101: 2.5-5% faster per call).
+over them (`drjax.cam_study.compute_heatmaps` does so).
 """
 
 from __future__ import annotations
@@ -70,7 +67,7 @@ def referable_dr_target(logits: Array) -> Array:
 def _resolve_targets(targets: Targets, batch: int) -> tuple[Callable[[Array, Array], Array],
                                                             Array]:
   """-> (target_fn(logits [K], cls) -> scalar, cls int32 [B]; -1 = predicted class)."""
-  # The -1s are a host array: a jnp.full here costs an eager dispatch (~50 us) per call.
+  # The -1s are a host array: a jnp.full here would cost an eager dispatch on every call.
   if targets is None:
     return class_score, np.full((batch,), -1, np.int32)
   if callable(targets):
@@ -192,9 +189,8 @@ def _acts_and_grads(model, variables, images, cls, *, layers, target_fn):
   # Per-example targets, vmapped over the logits. In inference mode (BatchNorm on
   # running statistics) image i's logits depend on image i alone, so pulling the
   # per-example cotangents back through the batched forward pass gives each
-  # image's own gradient: the same values as `vmap` of a per-image `jax.grad` (a
-  # test checks it; DenseNet121 at 224 px, jax 0.10.2: bitwise equal), from one
-  # batched forward and one vjp.
+  # image's own gradient, as `vmap` of a per-image `jax.grad` would (a test checks
+  # it), from one batched forward and one vjp.
   cls = jax.vmap(_predicted)(logits, cls)
   scores, dscores = jax.vmap(jax.value_and_grad(target_fn))(logits, cls)
   (grads,) = vjp_fn(dscores)
@@ -207,8 +203,7 @@ def _warn_zero_grads(is_zero: dict[str, Array]) -> None:
 
   Called after the core has been dispatched. Eagerly it reads the flags; inside a
   caller's jit (the flags are tracers) it adds a host callback to the caller's program.
-  A callback inside the core itself would cost every eager call a device-host sync
-  (~8% of a DenseNet121 Grad-CAM at batch 4 on one core).
+  A callback inside the core itself would cost every eager call a device-host sync.
   """
   for n, flags in is_zero.items():
     if isinstance(flags, jax.core.Tracer):
@@ -608,8 +603,3 @@ def get_method(name: str) -> Callable[..., Array]:
     raise ValueError(f'Unknown CAM method {name!r}; valid: {", ".join(METHODS)}')
   return METHODS[name]
 
-
-def save_panel(model, variables, images_uint8, path, **kwargs):
-  """Writes a Grad-CAM figure (fundus | heatmap | overlay rows); see `drjax.cam_figures`."""
-  from drjax import cam_figures  # matplotlib only when a figure is asked for
-  return cam_figures.save_panel(model, variables, images_uint8, path, **kwargs)

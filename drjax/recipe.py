@@ -70,6 +70,8 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
   # updated, as in PyTorch with those modules in eval(); False: batch statistics.
   c.frozen_bn_inference = True
   c.mixed_precision = 'float32'  # or 'bfloat16': bf16 compute, float32 master weights
+  # The opt-in XLA:CPU convolutions (drjax.kernels.cpu_conv); ignored on other backends.
+  c.cpu_conv = False
 
   c.weights = mlc.ConfigDict()
   c.weights.pretrained = True  # look up ImageNet weights (drjax.weights.resolve)
@@ -90,34 +92,43 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
   c.gradcam.num_images = 4  # validation images in workdir/gradcam/panel.png (0: none)
 
   if arg == 'smoke':
-    c.model = smoke_model
-    c.input.image_size = 32
-    c.input.num_images = 48
-    c.input.num_workers = 1
-    c.input.prefetch = 1
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.num_steps = 6
-    c.optimizer.warmup_steps = 1
-    c.log_every = 2
-    c.eval_every = 3
-    c.checkpoint_every = 3
-    c.weights.pretrained = False
-    c.progress_bar = False
-    c.gradcam.num_images = 2
+    _shrink_to_smoke(c, smoke_model)
   elif arg == 'paper':
-    # Sections 2.3-2.3.3 at full scale: EyePACS (Kaggle 2015) at 224 px, batch 256,
-    # constant Adam 1e-4, all of the paper's augmentations.
-    c.optimizer.update(lr=1e-4, schedule='constant', warmup_steps=0)
-    c.augment = augment.default_config()
-    c.input.dataset = 'eyepacs'
-    c.input.image_size = 224
-    c.input.num_workers = 16
-    c.input.prefetch = 16
-    c.batch_size = 256
-    c.eval_batch_size = 256
-    c.num_steps = 11_000  # ~100 epochs of the 80% EyePACS train split (28.1k images)
-    c.log_every = 50
-    c.eval_every = 1000
-    c.checkpoint_every = 1000
+    _paper_scale(c)
   return c
+
+
+def _shrink_to_smoke(c: mlc.ConfigDict, smoke_model: str) -> None:
+  """A seconds-long run of the tiny variant, for tests."""
+  c.model = smoke_model
+  c.input.image_size = 32
+  c.input.num_images = 48
+  c.input.num_workers = 1
+  c.input.prefetch = 1
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_steps = 6
+  c.optimizer.warmup_steps = 1
+  c.log_every = 2
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.weights.pretrained = False
+  c.progress_bar = False
+  c.gradcam.num_images = 2
+
+
+def _paper_scale(c: mlc.ConfigDict) -> None:
+  """Sections 2.3-2.3.3 at full scale: EyePACS at 224 px, batch 256, constant Adam 1e-4 and all
+  of the paper's augmentations."""
+  c.optimizer.update(lr=1e-4, schedule='constant', warmup_steps=0)
+  c.augment = augment.default_config()
+  c.input.dataset = 'eyepacs'
+  c.input.image_size = 224
+  c.input.num_workers = 16
+  c.input.prefetch = 16
+  c.batch_size = 256
+  c.eval_batch_size = 256
+  c.num_steps = 11_000  # ~100 epochs of the 80% EyePACS train split (28.1k images)
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000

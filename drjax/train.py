@@ -1,21 +1,21 @@
-"""Training and evaluation of the DR grading backbones (paper sections 2.3-2.3.3).
+"""Training of the DR grading backbones (paper sections 2.3-2.3.3).
 
-The recipe: an ImageNet-pretrained backbone with a new 5-way head, only the last
-block(s) trainable (`config.trainable`, see `drjax.freeze`), Adam at 1e-4,
-cross-entropy. `train_and_evaluate(config, workdir)` runs it end to end and
-leaves in `workdir`: `checkpoints/` (orbax), `tensorboard/`, `metrics.jsonl`,
-`metrics.json`, `loss_curve.png`, `config.json`, `weights_source.txt` and
-`gradcam/`. `load_run(workdir)` gives back `(config, model, variables)`.
+The recipe: an ImageNet-pretrained backbone with a new 5-way head, only the last block(s)
+trainable (`config.trainable`, see `drjax.freeze`), Adam, cross-entropy.
+`train_and_evaluate(config, workdir)` runs it end to end and leaves in `workdir`:
+`checkpoints/` (orbax), `tensorboard/`, `metrics.jsonl`, `metrics.json`, `loss_curve.png`,
+`config.json`, `weights_source.txt` and `gradcam/panel.png`.
 
-The train step is one pure jitted function (big_vision's update_fn): it
-differentiates only the trainable partition of the parameters, so the frozen
-trunk's backward pass is never built, and runs data-parallel over all local
-devices through `jax.jit` on a `Mesh` (batch on 'data', state replicated).
+The train step is one pure jitted function (big_vision's update_fn): it differentiates only
+the trainable partition of the parameters, so the frozen trunk's backward pass is never
+built, and runs data-parallel over all devices through `jax.jit` on a `Mesh` (batch on
+'data', state replicated).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -36,8 +36,8 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from drjax import checkpoint, distributed, freeze, models
-from drjax.models import common as models_common
+from drjax import checkpoint, distributed, errors, evaluate, freeze, models
+from drjax import mesh as mesh_lib
 
 PyTree = Any
 
@@ -49,8 +49,8 @@ _OPTIMIZERS = {
 }
 _SCHEDULES = ('constant', 'cosine')
 
-# Called as `_step_hook(step)` after every step's bookkeeping. A no-op; tests
-# replace it (e.g. to SIGKILL the process at a chosen step).
+# Called as `_step_hook(step)` after every step's bookkeeping. A no-op; tests replace it
+# (e.g. to SIGKILL the process at a chosen step).
 _step_hook: Callable[[int], None] | None = None
 
 
@@ -69,6 +69,9 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: PyTree
 
 
+# ----------------------------------------------------------------------------- optimizer
+
+
 def make_schedule(config_optimizer: mlc.ConfigDict, num_steps: int) -> optax.Schedule:
   """Learning rate per step: `schedule` 'constant' (the paper) or 'cosine' decay to 0.
 
@@ -77,9 +80,11 @@ def make_schedule(config_optimizer: mlc.ConfigDict, num_steps: int) -> optax.Sch
   c = config_optimizer
   schedule, warmup = c.get('schedule', 'constant'), c.get('warmup_steps', 0)
   if schedule not in _SCHEDULES:
-    raise ValueError(f'unknown optimizer.schedule {schedule!r}; choose one of {_SCHEDULES}')
+    raise errors.ConfigError(f'unknown optimizer.schedule {schedule!r}; '
+                             f'choose one of {_SCHEDULES}')
   if not 0 <= warmup < max(num_steps, 1):
-    raise ValueError(f'optimizer.warmup_steps={warmup} must be in [0, num_steps={num_steps})')
+    raise errors.ConfigError(f'optimizer.warmup_steps={warmup} must be in '
+                             f'[0, num_steps={num_steps})')
   if schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, num_steps, end_value=0.0)
   if warmup:
@@ -97,8 +102,8 @@ def make_optimizer(config_optimizer: mlc.ConfigDict,
     num_steps: length of the run, which a 'cosine' schedule decays over.
   """
   if config_optimizer.name not in _OPTIMIZERS:
-    raise ValueError(f'unknown optimizer {config_optimizer.name!r}; '
-                     f'choose one of {sorted(_OPTIMIZERS)}')
+    raise errors.ConfigError(f'unknown optimizer {config_optimizer.name!r}; '
+                             f'choose one of {sorted(_OPTIMIZERS)}')
   return _OPTIMIZERS[config_optimizer.name](make_schedule(config_optimizer, num_steps))
 
 
@@ -111,10 +116,7 @@ def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransf
                     opt_state=tx.init(trainable))
 
 
-def make_mesh(devices=None) -> Mesh:
-  """1-D mesh over all devices of all processes (process-major), axis 'data'."""
-  devices = distributed.global_devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ('data',))
+# ----------------------------------------------------------------------------- the step
 
 
 def _bn_inference(module: nn.BatchNorm, x: jax.Array) -> jax.Array:
@@ -132,9 +134,9 @@ def _bn_inference(module: nn.BatchNorm, x: jax.Array) -> jax.Array:
 def make_frozen_bn_interceptor(frozen_modules: set[tuple[str, ...]]):
   """flax method interceptor running the BatchNorms at `frozen_modules` in inference mode.
 
-  A frozen stage then sees the statistics it was trained with (its running
-  averages, e.g. ImageNet's) instead of the batch's, and its `batch_stats` are
-  left exactly as they are, as in PyTorch fine-tuning with those layers in eval().
+  A frozen stage then sees the statistics it was trained with (its running averages, e.g.
+  ImageNet's) instead of the batch's, and its `batch_stats` are left exactly as they are, as
+  in PyTorch fine-tuning with those layers in eval().
   """
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -165,9 +167,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     labels: label tree ('trainable'/'frozen') of the params (`drjax.freeze`).
     augment_fn: `drjax.data.augment.make_augment_fn(...)` or None.
     frozen_bn_inference: run BatchNorms of fully frozen modules with running stats.
-    compute_dtype: dtype the normalised images are cast to; the model's own
-      `dtype` (e.g. `get_model(..., dtype=jnp.bfloat16)`) sets its compute dtype
-      while its parameters, the gradients and the optimizer stay float32.
+    compute_dtype: dtype the normalised images are cast to; the model's own `dtype` (e.g.
+      `get_model(..., dtype=jnp.bfloat16)`) sets its compute dtype while its parameters, the
+      gradients and the optimizer stay float32.
 
   Returns:
     `(new_state, metrics)` with scalar `loss`, `accuracy`, `grad_norm`.
@@ -177,13 +179,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   images = batch['image']
   if augment_fn is not None:
     images, _ = augment_fn(aug_rng, images)
-  x = models_common.normalize(images).astype(compute_dtype)
+  x = models.normalize(images).astype(compute_dtype)
   trainable, frozen = freeze.partition(state.params, labels)
   frozen_modules = freeze.frozen_module_paths(labels) if frozen_bn_inference else set()
 
   def loss_fn(trainable):
-    # Only `trainable` is differentiated: the frozen half is a constant, so XLA
-    # never builds the backward pass below the first trainable layer.
+    # Only `trainable` is differentiated: the frozen half is a constant, so XLA never
+    # builds the backward pass below the first trainable layer.
     params = freeze.merge(trainable, frozen)
     with nn.intercept_methods(make_frozen_bn_interceptor(frozen_modules)):
       logits, updates = model.apply(
@@ -201,8 +203,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   metrics = {
       'loss': loss,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-      # Norm of the trainable gradients only (reading the frozen ones would bring
-      # their backward pass back).
+      # The trainable gradients only: reading the frozen ones would bring their backward
+      # pass back.
       'grad_norm': optax.tree.norm(grads),
   }
   new_state = state.replace(step=state.step + 1, params=freeze.merge(trainable, frozen),
@@ -215,15 +217,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
                     mixed_precision: str = 'float32', mesh: Mesh | None = None):
   """`train_step` with its static pieces bound, jitted once with the state donated.
 
-  For `mixed_precision='bfloat16'` pass a model built with `dtype=jnp.bfloat16`
-  (`compute_model`): bf16 activations and matmuls, float32 master weights.
-
-  With a mesh, the state (and metrics) come out replicated and the batch is
-  expected sharded on 'data' (see `shard_batch`).
+  For `mixed_precision='bfloat16'` pass a model built with `dtype=jnp.bfloat16`: bf16
+  activations and matmuls, float32 master weights. With a mesh, the state (and metrics)
+  come out replicated and the batch is expected sharded on 'data' (`mesh.shard_batch`).
   """
   if mixed_precision not in _COMPUTE_DTYPES:
-    raise ValueError(f'mixed_precision must be one of {sorted(_COMPUTE_DTYPES)}, '
-                     f'got {mixed_precision!r}')
+    raise errors.ConfigError(f'mixed_precision must be one of {sorted(_COMPUTE_DTYPES)}, '
+                             f'got {mixed_precision!r}')
   step_fn = functools.partial(
       train_step, model=model, tx=tx, labels=labels, augment_fn=augment_fn,
       frozen_bn_inference=frozen_bn_inference,
@@ -234,163 +234,339 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
   return jax.jit(step_fn, donate_argnums=(0,), **kwargs)
 
 
-def eval_step(variables: PyTree, images: jax.Array, *, model: nn.Module) -> jax.Array:
-  """Class probabilities [B, K] for uint8 images [B, H, W, 3] (inference-mode BN)."""
-  logits = model.apply(variables, models_common.normalize(images), train=False)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+# ----------------------------------------------------------------------------- the run
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global arrays sharded on 'data' along axis 0."""
-  sharding = NamedSharding(mesh, P('data'))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains `config.model` on `config.input`, resuming from `workdir` when it has a checkpoint.
 
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def evaluate(model: nn.Module, variables: PyTree, batches: Iterator[Mapping[str, np.ndarray]],
-             mesh: Mesh, eval_fn: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Runs the model over an eval iterator (padded batches with `valid`).
+  Args:
+    config: a config of `configs/` (see `configs/densenet.py`).
+    workdir: output directory (created).
 
   Returns:
-    `(labels [N] int, probs [N, K] float32)` over the valid examples.
+    The final validation metrics (`drjax.metrics.classification_report` plus run
+    information), also written to `workdir/metrics.json`.
+
+  Raises:
+    FloatingPointError: a non-finite training loss or gradient (the last checkpoint saved
+      before it is kept).
+    drjax.checkpoint.IncompatibleCheckpointError: `workdir` belongs to another model.
+    WorkdirBusyError: another run is using `workdir`.
   """
-  eval_fn = eval_fn or jax.jit(functools.partial(eval_step, model=model))
-  # The weights are fixed over an evaluation: their Winograd kernels are computed once
-  # (ResNet101 at 64 px, batch 16, two cores: 143 -> 129 ms a batch).
-  variables = models.with_winograd_kernels(model, replicate(variables, mesh))
-  all_labels, all_probs = [], []
-  for batch in batches:
-    batch = dict(batch)
-    valid = np.asarray(batch.pop('valid', np.ones(len(batch['label']), bool)))
-    probs = eval_fn(variables, shard_batch({'image': batch['image']}, mesh)['image'])
-    probs = np.asarray(jax.device_get(probs))
-    # probs cover the global batch; labels/valid are this process's rows of it.
-    valid = distributed.gather_rows(valid)
-    all_probs.append(probs[valid])
-    all_labels.append(distributed.gather_rows(batch['label'])[valid])
-  if not all_probs:
-    raise ValueError('the evaluation split is empty')
-  return np.concatenate(all_labels).astype(np.int64), np.concatenate(all_probs)
+  from drjax.data import pipeline
 
-
-def eval_summary(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
-  """Loss, accuracy and quadratic weighted kappa of validation predictions."""
-  from drjax import metrics as drjax_metrics
-
-  loss = -np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)))
-  preds = probs.argmax(-1)
-  return {
-      'val_loss': float(loss),
-      'val_accuracy': float(np.mean(preds == labels)),
-      'val_kappa': float(drjax_metrics.quadratic_weighted_kappa(labels, preds,
-                                                                num_classes=num_classes)),
-  }
-
-
-class MetricWriter:
-  """metrics.jsonl (one JSON object per log step) + TensorBoard scalars."""
-
-  def __init__(self, workdir: pathlib.Path, start_step: int):
-    self.path = workdir / 'metrics.jsonl'
-    # A resumed run replays the steps after its checkpoint: drop their old lines.
-    if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)['step'] <= start_step]
-      self.path.write_text(''.join(line + '\n' for line in kept))
-    self.tb = None
+  workdir = pathlib.Path(workdir)
+  with workdir_lock(workdir):
+    _write_config(config, workdir)
+    mesh = mesh_lib.make_mesh()
+    _check_batch_sizes(config, mesh)
+    # Process 0 builds the dataset on the shared disk, then the others read it.
+    ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
+    manager = checkpoint.make_manager(workdir / 'checkpoints',
+                                      max_to_keep=config.keep_checkpoints)
     try:
-      import tensorboardX
-      # purge_step makes TensorBoard drop the killed run's events after the checkpoint.
-      self.tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'),
-                                           purge_step=start_step or None)
-    except ImportError:
-      logging.warning('tensorboardX is not installed: no TensorBoard events '
-                      '(pip install tensorboardX).')
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, **scalars}) + '\n')
-    if self.tb is not None:
-      for k, v in scalars.items():
-        self.tb.add_scalar(k, v, step)
-
-  def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
+      run = _start(config, workdir, mesh, manager)
+      state = _train(config, run, ds, mesh, workdir, manager)
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+    return _finish(config, run, state, ds, mesh, workdir)
 
 
-class _NoWriter:
-  """MetricWriter of the processes other than 0."""
-
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    del step, scalars
-
-  def close(self) -> None:
-    pass
-
-
-def read_metrics_jsonl(workdir: str | pathlib.Path) -> list[dict]:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+@dataclasses.dataclass
+class _Run:
+  """A run's state before its first step: fresh, or restored from the workdir."""
+  state: TrainState
+  labels: PyTree  # 'trainable' / 'frozen' per parameter
+  meta: dict  # what every checkpoint records (drjax.checkpoint)
+  start_step: int
+  model: nn.Module
+  tx: optax.GradientTransformation
+  eval_fn: Callable  # jitted evaluate.eval_step, built once for every evaluation
 
 
-def _loud_warning(message: str) -> None:
-  banner = '!' * 78
-  text = f'\n{banner}\n!! {message}\n{banner}\n'
-  logging.warning(text)
-
-
-def resolve_weights(config: mlc.ConfigDict, init_variables: PyTree) -> tuple[PyTree | None, str]:
-  """Pretrained variables via `drjax.weights.resolve`, or (None, reason) for random init."""
-  if not config.weights.pretrained:
-    return None, 'random init (config.weights.pretrained=False)'
-  try:
-    from drjax import weights
-  except ImportError as e:
-    return None, f'random init (drjax.weights unavailable: {e})'
-  variables, source = weights.resolve(config.model, explicit_path=config.weights.path or None,
-                                      num_classes=config.num_classes,
-                                      init_variables=init_variables)
-  return variables, source
-
-
-def choose_trainable(config: mlc.ConfigDict, pretrained: bool) -> list[str]:
-  """The trainable patterns a run uses.
-
-  `config.trainable` with pretrained weights. From a random init, freezing the
-  trunk would train a head on random features, so by default
-  (`config.weights.random_init_trains_all`) everything trains.
-  """
-  if not pretrained and config.weights.random_init_trains_all:
-    return ['.*']
-  return list(config.trainable)
-
-
-def _abstract(tree: PyTree, sharding) -> PyTree:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def _check_workdir_config(workdir: pathlib.Path, config: mlc.ConfigDict) -> None:
+def _write_config(config: mlc.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses a workdir of another architecture, then records this run's config."""
   path = workdir / 'config.json'
-  if not path.exists():
-    return
-  old = json.loads(path.read_text())
-  for key in ('model', 'num_classes'):
-    if key in old and old[key] != config[key]:
-      raise checkpoint.IncompatibleCheckpointError(
-          f'{workdir} holds a run of {key}={old[key]!r}, but this run has {key}={config[key]!r}. '
-          'Use a fresh --workdir for a different architecture, or delete the old one.')
+  if path.exists():
+    old = json.loads(path.read_text())
+    for key in ('model', 'num_classes'):
+      if key in old and old[key] != config[key]:
+        raise checkpoint.IncompatibleCheckpointError(
+            f'{workdir} holds a run of {key}={old[key]!r}, but this run has '
+            f'{key}={config[key]!r}. Use a fresh --workdir for a different architecture, or '
+            'delete the old one.')
+  if distributed.is_main_process():
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _check_batch_sizes(config: mlc.ConfigDict, mesh: Mesh) -> None:
+  num_devices = mesh.devices.size
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % num_devices:
+      raise errors.ConfigError(f'config.{name}={config[name]} is not divisible by the '
+                               f'{num_devices} devices it is sharded over.')
+
+
+def _init_variables(config: mlc.ConfigDict, model: nn.Module) -> PyTree:
+  """Random initial variables of `model` (ResNets: zero-init residuals if configured)."""
+  if config.weights.get('zero_init_residual', False):
+    if not hasattr(model, 'zero_init_residual'):
+      raise errors.ConfigError('config.weights.zero_init_residual=True applies to ResNets '
+                               f'only, not {config.model}')
+    model = model.clone(zero_init_residual=True)
+  # An RngBitGenerator key: XLA:CPU compiles the initialisers faster than with threefry.
+  rng = jax.random.key(config.seed, impl='rbg')
+  return models.init_variables(model, rng, config.input.image_size)
+
+
+def _start(config: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh, manager) -> _Run:
+  """The workdir's latest checkpoint if it has one, else the configured weights (or scratch)."""
+  model = evaluate.build_model(config)
+  tx = make_optimizer(config.optimizer, config.num_steps)
+  init_variables = _init_variables(config, model)
+  meta = {'model': config.model, 'num_classes': config.num_classes,
+          'config_trainable': list(config.trainable)}
+  restored = _restore(workdir, mesh, manager, tx, init_variables, meta)
+  if restored is not None:
+    state, meta, start_step = restored
+  else:
+    start_step = 0
+    variables, meta = _initial_weights(config, init_variables, meta)
+    labels = freeze.trainable_labels(variables['params'], meta['trainable'])
+    state = mesh_lib.replicate(create_train_state(variables, tx, labels), mesh)
+  labels = freeze.trainable_labels(state.params, meta['trainable'])
+  if distributed.is_main_process():
+    (workdir / 'weights_source.txt').write_text(meta['weights_source'] + '\n')
+  meta['parameter_counts'] = freeze.count(state.params, labels)
+  logging.info('Trainable patterns %s: %s parameters', meta['trainable'],
+               meta['parameter_counts'])
+  eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=model),
+                    out_shardings=NamedSharding(mesh, P()))
+  return _Run(state, labels, meta, start_step, model, tx, eval_fn)
+
+
+def _restore(workdir: pathlib.Path, mesh: Mesh, manager, tx: optax.GradientTransformation,
+             init_variables: PyTree, meta: dict) -> tuple[TrainState, dict, int] | None:
+  """(state, meta, step) of the workdir's latest readable checkpoint, or None."""
+  replicated = NamedSharding(mesh, P())
+
+  def make_abstract(meta):
+    labels = freeze.trainable_labels(init_variables['params'], meta['trainable'])
+    trainable, _ = freeze.partition(init_variables['params'], labels)
+    abstract_train = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                      'opt_state': _abstract(jax.eval_shape(tx.init, trainable), replicated)}
+    return _abstract(init_variables, replicated), abstract_train
+
+  restored = checkpoint.restore_latest(manager, make_abstract, meta, workdir)
+  if restored is None:
+    return None
+  step, variables, train_part, meta = restored
+  logging.info('Resumed from %s at step %d.', workdir / 'checkpoints', step)
+  print(f'Resuming from checkpoint step {step} in {workdir}', flush=True)
+  state = TrainState(step=train_part['step'], params=variables['params'],
+                     batch_stats=variables.get('batch_stats', {}),
+                     opt_state=train_part['opt_state'])
+  return state, meta, step
+
+
+def _initial_weights(config: mlc.ConfigDict, init_variables: PyTree,
+                     meta: dict) -> tuple[PyTree, dict]:
+  """The configured pretrained weights, or `init_variables` with a loud warning."""
+  pretrained, source = distributed.process_zero_first(
+      lambda: resolve_weights(config, init_variables), 'weights')
+  if pretrained is None:
+    variables = init_variables
+    _loud_warning(
+        f'NO PRETRAINED WEIGHTS for {config.model}: {source}. Training from a random init' +
+        (', so ALL layers are trainable (config.weights.random_init_trains_all; a frozen '
+         'random trunk would be pointless).' if config.weights.random_init_trains_all else
+         f' with the configured trainable patterns {list(config.trainable)}.') +
+        ' Results are NOT comparable to the paper\'s ImageNet-pretrained recipe.')
+    source = f'{source} [RANDOM INIT: no pretrained weights]'
+  else:
+    variables = {'params': pretrained['params'],
+                 'batch_stats': pretrained.get('batch_stats', {})}
+  trainable = choose_trainable(config, pretrained is not None)
+  return variables, {**meta, 'trainable': trainable, 'weights_source': source,
+                     'pretrained': pretrained is not None}
+
+
+def _train(config: mlc.ConfigDict, run: _Run, ds, mesh: Mesh, workdir: pathlib.Path,
+           manager) -> TrainState:
+  """The training loop: steps, logging, evaluation and checkpoints until `num_steps`."""
+  from drjax.data import pipeline
+
+  step_fn = _make_step_fn(config, run, mesh)
+  train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  # The stream is a pure function of (seed, step): a resumed run continues exactly where the
+  # checkpointed one was.
+  batches = pipeline.make_train_iterator(
+      config.input, ds.train, config.batch_size, config.seed, start_step=run.start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  logger = _TrainLogger(make_schedule(config.optimizer, config.num_steps), run.start_step)
+  state, postfix = run.state, {}
+  with metric_writer(workdir, run.start_step) as write, _progress_bar(config, run) as bar:
+    for step in range(run.start_step + 1, config.num_steps + 1):
+      batch = next(batches)
+      batch = mesh_lib.shard_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+      state, step_metrics = step_fn(state, batch, train_rng)
+      logger.add(step_metrics)
+      is_last = step == config.num_steps
+      is_ckpt = step % config.checkpoint_every == 0 or is_last
+      if step % config.log_every == 0 or is_ckpt:
+        postfix['loss'] = f'{logger.flush(step, write, workdir, manager):.3f}'
+        bar.set_postfix(postfix)
+      if step % config.eval_every == 0 or is_last:
+        summary = evaluate.eval_summary(*_run_eval(config, run, state, ds, mesh),
+                                        config.num_classes)
+        write(step, summary)
+        postfix['val_kappa'] = f'{summary["val_kappa"]:.3f}'
+        bar.set_postfix(postfix)
+      if is_ckpt:
+        checkpoint.save(manager, step, _variables(state),
+                        {'step': state.step, 'opt_state': state.opt_state},
+                        {**run.meta, 'step': step, 'data_start_step': step})
+      bar.update(1)
+      if _step_hook is not None:
+        _step_hook(step)
+  return state
+
+
+def _make_step_fn(config: mlc.ConfigDict, run: _Run, mesh: Mesh) -> Callable:
+  """The jitted train step of the run's model, at `config.mixed_precision`."""
+  augment_fn = None
+  if config.augment_enabled:
+    from drjax.data import augment
+    augment_fn = augment.make_augment_fn(config.augment)
+  if config.mixed_precision not in _COMPUTE_DTYPES:
+    raise errors.ConfigError(f'config.mixed_precision must be one of '
+                             f'{sorted(_COMPUTE_DTYPES)}, got {config.mixed_precision!r}')
+  # Mixed precision: the step's model computes in bf16; params, grads and Adam stay float32.
+  compute_model = run.model.clone(dtype=_COMPUTE_DTYPES[config.mixed_precision])
+  return make_train_step(compute_model, run.tx, run.labels, augment_fn=augment_fn,
+                         frozen_bn_inference=config.frozen_bn_inference,
+                         mixed_precision=config.mixed_precision, mesh=mesh)
+
+
+def _run_eval(config: mlc.ConfigDict, run: _Run, state: TrainState, ds,
+              mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, probabilities) of the validation split."""
+  from drjax.data import pipeline
+
+  batches = pipeline.make_eval_iterator(
+      config.input, ds.validation, config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return evaluate.evaluate(run.model, _variables(state), batches, mesh, run.eval_fn)
+
+
+def _variables(state: TrainState) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+class _TrainLogger:
+  """Keeps the step metrics on device and fetches them only on log steps."""
+
+  def __init__(self, lr_schedule: optax.Schedule, start_step: int):
+    self.lr_schedule = lr_schedule
+    self.pending: list[dict[str, jax.Array]] = []
+    self.last_time, self.last_step = time.time(), start_step
+
+  def add(self, step_metrics: dict[str, jax.Array]) -> None:
+    self.pending.append(step_metrics)
+
+  def flush(self, step: int, write: Callable, workdir: pathlib.Path, manager) -> float:
+    """Writes the mean of the pending metrics and returns the loss; stops on a non-finite one."""
+    host = jax.device_get(self.pending)
+    self.pending = []
+    for i, m in enumerate(host):
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        raise FloatingPointError(
+            f'Non-finite training loss/gradient at step {step - len(host) + i + 1} '
+            f'(loss={m["loss"]}, grad_norm={m["grad_norm"]}). Stopping; the last good '
+            f'checkpoint in {workdir / "checkpoints"} (step {manager.latest_step()}) is kept. '
+            'Lower config.optimizer.lr or try mixed_precision=float32.')
+    now = time.time()
+    scalars = {('train_' + k if k in ('loss', 'accuracy') else k):
+               float(np.mean([m[k] for m in host])) for k in host[0]}
+    scalars['steps_per_sec'] = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    scalars['lr'] = float(self.lr_schedule(step))
+    self.last_time, self.last_step = now, step
+    write(step, scalars)
+    return scalars['train_loss']
+
+
+@contextlib.contextmanager
+def _progress_bar(config: mlc.ConfigDict, run: _Run):
+  from tqdm import tqdm
+
+  bar = tqdm(total=config.num_steps, initial=run.start_step, desc=f'train {config.model}',
+             unit='step', dynamic_ncols=True,
+             disable=not config.progress_bar or not distributed.is_main_process())
+  try:
+    yield bar
+  finally:
+    bar.close()
+
+
+def _finish(config: mlc.ConfigDict, run: _Run, state: TrainState, ds, mesh: Mesh,
+            workdir: pathlib.Path) -> dict:
+  """Final validation report (the paper's 20%), metrics.json, loss curve and Grad-CAM panel."""
+  from drjax import metrics, plots
+
+  val_labels, val_probs = _run_eval(config, run, state, ds, mesh)
+  report = metrics.classification_report(val_labels, val_probs)
+  report.update({'split': 'validation', 'num_examples': int(len(val_labels)),
+                 'model': config.model, 'step': int(config.num_steps),
+                 'weights_source': run.meta['weights_source'],
+                 'pretrained': run.meta['pretrained'], 'trainable': run.meta['trainable'],
+                 'parameter_counts': run.meta['parameter_counts'],
+                 'dataset': config.input.dataset})
+  if not distributed.is_main_process():
+    return report  # metrics.json and the figures are process 0's
+  rows = [r for r in read_metrics_jsonl(workdir) if 'train_loss' in r]
+  if rows:
+    plots.loss_curve([r['step'] for r in rows], [r['train_loss'] for r in rows],
+                     workdir / 'loss_curve.png', title=f'{config.model} training loss')
+  if config.gradcam.num_images:
+    report['gradcam'] = _gradcam_panel(config, run.model, state, ds, val_labels,
+                                       workdir / 'gradcam' / 'panel.png')
+  (workdir / 'metrics.json').write_text(json.dumps(report, indent=2, sort_keys=True))
+  print(f'Done: validation kappa={report["kappa"]:.3f} accuracy={report["accuracy"]:.3f} '
+        f'({run.meta["weights_source"]}); outputs in {workdir}', flush=True)
+  return report
+
+
+def _gradcam_panel(config, model, state, ds, val_labels, path: pathlib.Path) -> str:
+  """Grad-CAM of the predicted grade for a few validation images, one of each grade."""
+  from drjax import cam_figures
+  from drjax.data import pipeline
+
+  picks = panel_indices(val_labels, config.gradcam.num_images)
+  # The eval iterator yields the validation split in the order of val_labels.
+  images, offset = {}, 0
+  for batch in pipeline.make_eval_iterator(config.input, ds.validation, config.eval_batch_size):
+    rows = np.asarray(batch['image'])[np.asarray(batch['valid'])]
+    for i in picks[(picks >= offset) & (picks < offset + len(rows))]:
+      images[i] = rows[i - offset]
+    offset += len(rows)
+    if len(images) == picks.size:
+      break
+  try:
+    cam_figures.save_panel(model, jax.device_get(_variables(state)),
+                           np.stack([images[i] for i in picks]), path, labels=val_labels[picks])
+  except Exception as e:  # noqa: BLE001 - a figure failure must not lose the trained run
+    logging.exception('Grad-CAM panel failed')
+    return f'failed: {type(e).__name__}: {e}'
+  return str(path)
 
 
 def panel_indices(labels: np.ndarray, n: int) -> np.ndarray:
   """Up to `n` indices of `labels` for a figure: one per grade, highest grade first, repeating.
 
-  The first validation images of a skewed set are mostly grade 0, whose maps show
-  no lesion; this picks e.g. grades 4, 3, 2, 1 for n=4 (skipping absent grades).
+  The first validation images of a skewed set are mostly grade 0, whose maps show no
+  lesion; this picks e.g. grades 4, 3, 2, 1 for n=4 (skipping absent grades).
   """
   labels = np.asarray(labels)
   if n <= 0 or labels.size == 0:
@@ -400,36 +576,78 @@ def panel_indices(labels: np.ndarray, n: int) -> np.ndarray:
   return np.asarray(picks[:n], np.int64)
 
 
-def _write_gradcam_panel(model, variables, labels, probs, images, path: pathlib.Path) -> str:
-  """Grad-CAM of the predicted class for a few validation images, as one PNG."""
+# ----------------------------------------------------------------------------- helpers
+
+
+def choose_trainable(config: mlc.ConfigDict, pretrained: bool) -> list[str]:
+  """The trainable patterns a run uses.
+
+  `config.trainable` with pretrained weights. From a random init, freezing the trunk would
+  train a head on random features, so by default (`config.weights.random_init_trains_all`)
+  everything trains.
+  """
+  if not pretrained and config.weights.random_init_trains_all:
+    return ['.*']
+  return list(config.trainable)
+
+
+def resolve_weights(config: mlc.ConfigDict, init_variables: PyTree) -> tuple[PyTree | None, str]:
+  """Pretrained variables via `drjax.weights.resolve`, or (None, reason) for random init."""
+  from drjax import weights
+
+  if not config.weights.pretrained:
+    return None, 'random init (config.weights.pretrained=False)'
+  return weights.resolve(config.model, explicit_path=config.weights.path or None,
+                         num_classes=config.num_classes, init_variables=init_variables)
+
+
+def _loud_warning(message: str) -> None:
+  banner = '!' * 78
+  logging.warning('\n%s\n!! %s\n%s\n', banner, message, banner)
+
+
+def _abstract(tree: PyTree, sharding) -> PyTree:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+@contextlib.contextmanager
+def metric_writer(workdir: pathlib.Path, start_step: int) -> Iterator[Callable[[int, dict],
+                                                                              None]]:
+  """Yields `write(step, scalars)`: TensorBoard scalars (tensorboardX) and a metrics.jsonl line.
+
+  A resumed run replays the steps after its checkpoint, so their earlier lines and events
+  are dropped. Processes other than 0 get a writer that writes nothing.
+  """
+  if not distributed.is_main_process():
+    yield lambda step, scalars: None
+    return
+  import tensorboardX
+
+  path = workdir / 'metrics.jsonl'
+  if path.exists():
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)['step'] <= start_step]
+    path.write_text(''.join(line + '\n' for line in kept))
+  tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step or None)
+
+  def write(step: int, scalars: Mapping[str, float]) -> None:
+    with path.open('a') as f:
+      f.write(json.dumps({'step': step, **scalars}) + '\n')
+    for k, v in scalars.items():
+      tb.add_scalar(k, v, step)
+
   try:
-    import drjax.gradcam
-  except ImportError as e:
-    return f'skipped: drjax.gradcam not importable ({e})'
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  x = models_common.normalize(images)
-  heatmaps = np.asarray(drjax.gradcam.gradcam(model, variables, x))
-  n = len(images)
-  fig, axes = plt.subplots(2, n, figsize=(2.4 * n, 5), squeeze=False)
-  for i in range(n):
-    axes[0, i].imshow(images[i])
-    axes[0, i].set_title(f'grade {labels[i]} / pred {probs[i].argmax()}', fontsize=8)
-    axes[1, i].imshow(images[i])
-    axes[1, i].imshow(heatmaps[i], cmap='jet', alpha=0.45, vmin=0, vmax=1)
-    for ax in axes[:, i]:
-      ax.axis('off')
-  fig.suptitle('Grad-CAM of the predicted grade (validation images)', fontsize=9)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return str(path)
+    yield write
+  finally:
+    tb.close()
 
 
-class WorkdirBusyError(RuntimeError):
+def read_metrics_jsonl(workdir: str | pathlib.Path) -> list[dict]:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class WorkdirBusyError(errors.UserError, RuntimeError):
   """Another live run holds the workdir's lock."""
 
 
@@ -437,9 +655,9 @@ class WorkdirBusyError(RuntimeError):
 def workdir_lock(workdir: pathlib.Path):
   """Holds an exclusive lock on `workdir/.lock` for one run (process 0 only).
 
-  Two runs writing one workdir would interleave checkpoints and metrics and
-  overwrite each other's results. The lock is an flock, so the kernel drops it
-  when its holder dies, even by SIGKILL: a killed run never blocks its resume.
+  Two runs writing one workdir would interleave checkpoints and metrics and overwrite each
+  other's results. The lock is an flock, so the kernel drops it when its holder dies, even by
+  SIGKILL: a killed run never blocks its resume.
   """
   if not distributed.is_main_process():
     yield
@@ -465,307 +683,3 @@ def workdir_lock(workdir: pathlib.Path):
       f.seek(0)
       f.truncate()
       fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains `config.model` on `config.input`, resuming from `workdir` when it has a checkpoint.
-
-  Args:
-    config: a config of `configs/` (see `configs/densenet.py`).
-    workdir: output directory (created).
-
-  Returns:
-    The final validation metrics (`drjax.metrics.classification_report` plus
-    run information), also written to `workdir/metrics.json`.
-
-  Raises:
-    FloatingPointError: a non-finite training loss or gradient (the last
-      checkpoint saved before it is kept).
-    drjax.checkpoint.IncompatibleCheckpointError: `workdir` belongs to another model.
-    WorkdirBusyError: another run is using `workdir`.
-  """
-  workdir = pathlib.Path(workdir)
-  with workdir_lock(workdir):
-    return _train_and_evaluate(config, workdir)
-
-
-def _train_and_evaluate(config: mlc.ConfigDict, workdir: pathlib.Path) -> dict:
-  """train_and_evaluate's body, run while holding the workdir lock."""
-  from drjax import metrics as drjax_metrics
-  from drjax import models, plots
-  from drjax.data import pipeline
-
-  workdir.mkdir(parents=True, exist_ok=True)
-  _check_workdir_config(workdir, config)
-  if distributed.is_main_process():
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  mesh = make_mesh()
-  num_devices = mesh.devices.size
-  for name in ('batch_size', 'eval_batch_size'):
-    if config[name] % num_devices:
-      raise ValueError(f'config.{name}={config[name]} is not divisible by the {num_devices} '
-                       'local devices it is sharded over.')
-  replicated = NamedSharding(mesh, P())
-
-  # Process 0 builds/indexes the dataset on the shared disk, then the others read it.
-  ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
-  model = models.get_model(config.model, num_classes=config.num_classes)
-  train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  # RngBitGenerator-based key for the initializers: XLA on CPU compiles the init of a
-  # 121-layer net about twice as fast as with threefry (~30 s vs ~55 s of CPU).
-  init_rng = jax.random.key(config.seed, impl='rbg')
-  size = config.input.image_size
-  init_model = model
-  if config.weights.get('zero_init_residual', False):
-    if not hasattr(model, 'zero_init_residual'):
-      raise ValueError(f'config.weights.zero_init_residual=True applies to ResNets only, '
-                       f'not {config.model}')
-    init_model = model.clone(zero_init_residual=True)
-  init_variables = jax.jit(functools.partial(init_model.init, train=False))(
-      init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
-  init_variables = {k: v for k, v in init_variables.items() if k in ('params', 'batch_stats')}
-  tx = make_optimizer(config.optimizer, config.num_steps)
-  lr_schedule = make_schedule(config.optimizer, config.num_steps)
-
-  def make_abstract(meta):
-    labels = freeze.trainable_labels(init_variables['params'], meta['trainable'])
-    trainable, _ = freeze.partition(init_variables['params'], labels)
-    abstract_train = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                      'opt_state': _abstract(jax.eval_shape(tx.init, trainable), replicated)}
-    return _abstract(init_variables, replicated), abstract_train
-
-  expected_meta = {'model': config.model, 'num_classes': config.num_classes,
-                   'config_trainable': list(config.trainable)}
-  manager = checkpoint.make_manager(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
-  restored = checkpoint.restore_latest(manager, make_abstract, expected_meta, workdir)
-  if restored is not None:
-    start_step, variables, train_part, meta = restored
-    weights_source, trainable_patterns = meta['weights_source'], meta['trainable']
-    is_pretrained = meta['pretrained']
-    labels = freeze.trainable_labels(variables['params'], trainable_patterns)
-    state = TrainState(step=train_part['step'], params=variables['params'],
-                       batch_stats=variables.get('batch_stats', {}),
-                       opt_state=train_part['opt_state'])
-    logging.info('Resumed from %s at step %d.', manager.directory, start_step)
-    print(f'Resuming from checkpoint step {start_step} in {workdir}', flush=True)
-  else:
-    start_step = 0
-    pretrained, weights_source = distributed.process_zero_first(
-        lambda: resolve_weights(config, init_variables), 'weights')
-    is_pretrained = pretrained is not None
-    if not is_pretrained:
-      variables = init_variables
-      _loud_warning(
-          f'NO PRETRAINED WEIGHTS for {config.model}: {weights_source}. Training from a random '
-          'init' + (', so ALL layers are trainable (config.weights.random_init_trains_all; '
-                    'a frozen random trunk would be pointless).'
-                    if config.weights.random_init_trains_all else
-                    f' with the configured trainable patterns {list(config.trainable)}.') +
-          ' Results are NOT comparable to the paper\'s ImageNet-pretrained recipe.')
-      weights_source = f'{weights_source} [RANDOM INIT: no pretrained weights]'
-    else:
-      variables = {k: pretrained[k] for k in ('params', 'batch_stats') if k in pretrained}
-    trainable_patterns = choose_trainable(config, is_pretrained)
-    labels = freeze.trainable_labels(variables['params'], trainable_patterns)
-    state = replicate(create_train_state(variables, tx, labels), mesh)
-  if distributed.is_main_process():
-    (workdir / 'weights_source.txt').write_text(weights_source + '\n')
-  counts = freeze.count(state.params, labels)
-  logging.info('Trainable patterns %s: %s parameters', trainable_patterns, counts)
-  meta = {**expected_meta, 'trainable': list(trainable_patterns), 'weights_source': weights_source,
-          'pretrained': is_pretrained, 'parameter_counts': counts}
-
-  augment_fn = None
-  if config.augment_enabled:
-    from drjax.data import augment
-    augment_fn = augment.make_augment_fn(config.augment)
-  if config.mixed_precision not in _COMPUTE_DTYPES:
-    raise ValueError(f'config.mixed_precision must be one of {sorted(_COMPUTE_DTYPES)}, '
-                     f'got {config.mixed_precision!r}')
-  # Mixed precision: the step's model computes in bf16; params, grads and Adam stay float32.
-  compute_model = models.get_model(config.model, num_classes=config.num_classes,
-                                   dtype=_COMPUTE_DTYPES[config.mixed_precision])
-  step_fn = make_train_step(compute_model, tx, labels, augment_fn=augment_fn,
-                            frozen_bn_inference=config.frozen_bn_inference,
-                            mixed_precision=config.mixed_precision, mesh=mesh)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
-
-  def run_eval(variables):
-    return evaluate(model, variables, pipeline.make_eval_iterator(
-        config.input, ds.validation, config.eval_batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count()), mesh, eval_fn)
-
-  # The pipeline's stream is a pure function of (seed, step): a resumed run
-  # continues exactly where the checkpointed one was.
-  train_iter = pipeline.make_train_iterator(
-      config.input, ds.train, config.batch_size, config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  # Only process 0 writes; the others compute the same (replicated) scalars.
-  writer = MetricWriter(workdir, start_step) if distributed.is_main_process() else _NoWriter()
-  pending: list[dict[str, jax.Array]] = []
-  last_log_time, last_log_step = time.time(), start_step
-
-  def flush(step):
-    nonlocal pending, last_log_time, last_log_step
-    if not pending:
-      return
-    host = jax.device_get(pending)
-    pending = []
-    for i, m in enumerate(host):
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        bad = step - len(host) + i + 1
-        raise FloatingPointError(
-            f'Non-finite training loss/gradient at step {bad} (loss={m["loss"]}, '
-            f'grad_norm={m["grad_norm"]}). Stopping; the last good checkpoint in '
-            f'{workdir / "checkpoints"} (step {manager.latest_step()}) is kept. '
-            'Lower config.optimizer.lr or try mixed_precision=float32.')
-    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    now = time.time()
-    scalars['steps_per_sec'] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-    last_log_time, last_log_step = now, step
-    scalars = {f'train_{k}' if k in ('loss', 'accuracy') else k: v for k, v in scalars.items()}
-    scalars['lr'] = float(lr_schedule(step))
-    writer.write(step, scalars)
-    return scalars
-
-  from tqdm import tqdm
-  postfix: dict[str, str] = {}
-  bar = tqdm(total=config.num_steps, initial=start_step, desc=f'train {config.model}',
-             unit='step', dynamic_ncols=True,
-             disable=not config.progress_bar or not distributed.is_main_process())
-  try:
-    for step in range(start_step + 1, config.num_steps + 1):
-      batch = next(train_iter)
-      batch = shard_batch({'image': batch['image'], 'label': batch['label']}, mesh)
-      state, step_metrics = step_fn(state, batch, train_rng)
-      pending.append(step_metrics)
-      is_last = step == config.num_steps
-      is_ckpt = step % config.checkpoint_every == 0 or is_last
-      if step % config.log_every == 0 or is_ckpt:
-        scalars = flush(step)
-        if scalars:
-          postfix['loss'] = f'{scalars["train_loss"]:.3f}'
-          bar.set_postfix(postfix)
-      if step % config.eval_every == 0 or is_last:
-        summary = eval_summary(*run_eval({'params': state.params,
-                                          'batch_stats': state.batch_stats}),
-                               config.num_classes)
-        writer.write(step, summary)
-        postfix['val_kappa'] = f'{summary["val_kappa"]:.3f}'
-        bar.set_postfix(postfix)
-      if is_ckpt:
-        checkpoint.save(manager, step,
-                        {'params': state.params, 'batch_stats': state.batch_stats},
-                        {'step': state.step, 'opt_state': state.opt_state},
-                        {**meta, 'step': step, 'data_start_step': step})
-      bar.update(1)
-      if _step_hook is not None:
-        _step_hook(step)
-  finally:
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-
-  # Final evaluation on the validation split (the paper's 20%).
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  val_labels, val_probs = run_eval(variables)
-  report = drjax_metrics.classification_report(val_labels, val_probs)
-  report.update({'split': 'validation', 'num_examples': int(len(val_labels)),
-                 'model': config.model, 'step': int(config.num_steps),
-                 'weights_source': weights_source, 'pretrained': is_pretrained,
-                 'trainable': list(trainable_patterns), 'parameter_counts': counts,
-                 'dataset': config.input.dataset})
-  if not distributed.is_main_process():
-    return report  # metrics.json, figures and Grad-CAM are process 0's
-  (workdir / 'metrics.json').write_text(json.dumps(report, indent=2, sort_keys=True))
-
-  rows = [r for r in read_metrics_jsonl(workdir) if 'train_loss' in r]
-  if rows:
-    plots.loss_curve([r['step'] for r in rows], [r['train_loss'] for r in rows],
-                     workdir / 'loss_curve.png', title=f'{config.model} training loss')
-
-  picks = panel_indices(val_labels, config.gradcam.num_images)
-  if picks.size:
-    # The eval iterator yields the validation split in the order of val_labels.
-    images, offset = {}, 0
-    for batch in pipeline.make_eval_iterator(config.input, ds.validation, config.eval_batch_size):
-      rows = np.asarray(batch['image'])[np.asarray(batch['valid'])]
-      for i in picks[(picks >= offset) & (picks < offset + len(rows))]:
-        images[i] = rows[i - offset]
-      offset += len(rows)
-      if len(images) == picks.size:
-        break
-    try:
-      note = _write_gradcam_panel(model, jax.device_get(variables), val_labels[picks],
-                                  val_probs[picks], np.stack([images[i] for i in picks]),
-                                  workdir / 'gradcam' / 'panel.png')
-    except Exception as e:  # noqa: BLE001 - a CAM failure must not lose the trained run
-      note = f'failed: {type(e).__name__}: {e}'
-      logging.exception('Grad-CAM panel failed')
-    logging.info('Grad-CAM panel: %s', note)
-    report['gradcam'] = note
-    (workdir / 'metrics.json').write_text(json.dumps(report, indent=2, sort_keys=True))
-  print(f'Done: validation kappa={report["kappa"]:.3f} accuracy={report["accuracy"]:.3f} '
-        f'({weights_source}); outputs in {workdir}', flush=True)
-  return report
-
-
-def load_config(workdir: str | pathlib.Path) -> mlc.ConfigDict:
-  """The run's config.json as a locked ConfigDict."""
-  config = mlc.ConfigDict(json.loads((pathlib.Path(workdir) / 'config.json').read_text()))
-  config.lock()
-  return config
-
-
-def load_run(workdir: str | pathlib.Path, step: int | None = None
-             ) -> tuple[mlc.ConfigDict, nn.Module, PyTree]:
-  """(config, model, variables) of a run's latest (or given) checkpoint, on one device."""
-  from drjax import models
-
-  config = load_config(workdir)
-  model = models.get_model(config.model, num_classes=config.num_classes)
-  size = config.input.image_size
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros((1, size, size, 3), jnp.float32))
-  shapes = {k: v for k, v in shapes.items() if k in ('params', 'batch_stats')}
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  _, variables, _ = checkpoint.load_variables(pathlib.Path(workdir) / 'checkpoints',
-                                              _abstract(shapes, sharding), step=step)
-  return config, model, variables
-
-
-
-def evaluate_run(workdir: str | pathlib.Path, split: str = 'validation',
-                 config_input: mlc.ConfigDict | None = None, batch_size: int | None = None,
-                 step: int | None = None) -> dict:
-  """classification_report of a saved run on `split` of its dataset (or of `config_input`'s).
-
-  Args:
-    workdir: a run of `train_and_evaluate`.
-    split: 'validation' (the run's held-out 20%), 'test' (the dataset's own
-      test split, if any) or 'train'.
-    config_input: another `input` block (e.g. IDRiD) to evaluate on; default the run's.
-    batch_size: default the run's eval_batch_size (rounded up to the device count).
-    step: checkpoint step; default the latest.
-  """
-  from drjax import metrics as drjax_metrics
-  from drjax.data import pipeline
-
-  config, model, variables = load_run(workdir, step=step)
-  config_input = config.input if config_input is None else config_input
-  ds = pipeline.get_dataset(config_input)
-  source = {'validation': ds.validation, 'test': ds.test, 'train': ds.train}[split]
-  if source is None:
-    raise ValueError(f'{config_input.dataset} has no {split!r} split')
-  mesh = make_mesh()
-  n = mesh.devices.size
-  batch_size = batch_size or config.eval_batch_size
-  batch_size = -(-batch_size // n) * n
-  labels, probs = evaluate(model, variables,
-                           pipeline.make_eval_iterator(config_input, source, batch_size), mesh)
-  report = drjax_metrics.classification_report(labels, probs)
-  report.update({'split': split, 'dataset': config_input.dataset, 'model': config.model,
-                 'workdir': str(workdir)})
-  return report

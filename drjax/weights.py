@@ -41,12 +41,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import serialization, traverse_util
 
-from drjax import host, models
+from drjax import errors, models, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ Variables = dict[str, Any]
 DownloadFn = Callable[[str, pathlib.Path], None]
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.UserError, ValueError):
   """A checkpoint that cannot be converted or loaded (the message says why)."""
 
 
@@ -110,8 +109,7 @@ class WeightsError(ValueError):
 
 def _template(model: nn.Module) -> Variables:
   """Shapes of the variables of `model` ({'params', 'batch_stats'} of ShapeDtypeStructs)."""
-  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  return jax.eval_shape(lambda rng: model.init(rng, images, train=False), jax.random.key(0))
+  return jax.eval_shape(lambda rng: models.init_variables(model, rng), jax.random.key(0))
 
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:
@@ -435,7 +433,7 @@ def _check_structure(arch: str, variables: Variables, what: str) -> None:
 
 def cache_dir() -> pathlib.Path:
   """drjax's cache of converted weights: $DRJAX_CACHE, else ~/.cache/drjax."""
-  return host.cache_root()
+  return runtime.cache_root()
 
 
 def torch_hub_checkpoint_dir() -> pathlib.Path:
@@ -487,16 +485,11 @@ def _with_head(arch: str, variables: Variables, num_classes: int,
     return variables
   model = models.get_model(arch, num_classes=num_classes)
   head_path = model.head_path
-  if init_variables is not None:
-    fresh = traverse_util.flatten_dict(init_variables['params'])
-    fresh = {k[len(head_path):]: v for k, v in fresh.items() if k[:len(head_path)] == head_path}
-  else:
-    # Only the head: a full init costs a threefry compile per parameter shape.
-    template = traverse_util.flatten_dict(_template(model)['params'])
-    in_features = template[head_path + ('kernel',)].shape[0]
-    rng = jax.random.key(0) if rng is None else rng
-    fresh = traverse_util.flatten_dict(
-        model.make_head().init(rng, jnp.zeros((1, in_features), jnp.float32))['params'])
+  if init_variables is None:
+    rng = jax.random.key(0, impl='rbg') if rng is None else rng
+    init_variables = models.init_variables(model, rng)
+  fresh = traverse_util.flatten_dict(init_variables['params'])
+  fresh = {k[len(head_path):]: v for k, v in fresh.items() if k[:len(head_path)] == head_path}
   params = traverse_util.flatten_dict(variables['params'])
   params = {k: v for k, v in params.items() if k[:len(head_path)] != head_path}
   params.update({head_path + k: np.asarray(v) for k, v in fresh.items()})

@@ -2,7 +2,7 @@ r"""The lesion-localisation study: CAM method x layer x lesion type, and the are
 
   python scripts/cam_study.py --workdir RUN --dataset synthetic_fundus --out DIR
   python scripts/cam_study.py --workdir RUN --dataset idrid \
-      --idrid_dir /work/shared/data/idrid --out DIR
+      --idrid_dir /path/to/idrid --out DIR
 
 Several --workdir runs (DenseNet, ResNet, VGG) give one section each. Writes
 DIR/report.md (tables + conclusion computed from them), DIR/<arch>/results.json
@@ -11,7 +11,9 @@ configs/densenet.py:smoke --workdir RUN`) is enough to exercise it; its numbers
 then describe an untrained classifier, which the report says.
 """
 
-from absl import app, flags, logging
+from absl import flags
+
+from drjax import cam_study, runtime
 
 flags.DEFINE_multi_string('workdir', None, 'Training run(s).', required=True)
 flags.DEFINE_enum('dataset', 'synthetic_fundus', ['synthetic_fundus', 'idrid'], 'Masks source.')
@@ -25,32 +27,11 @@ flags.DEFINE_float('tolerance', None, 'Pointing-game tolerance in pixels of the 
 flags.DEFINE_integer('faithfulness_images', 4, 'Images for deletion/insertion (0: skip).')
 flags.DEFINE_integer('seed', 1000, 'First synthetic seed.')
 flags.DEFINE_string('out', None, 'Output folder.', required=True)
-flags.DEFINE_bool('one_device_per_core', True,
-                  'On a CPU, one jax device per core, each batch split over them '
-                  '(drjax.host.one_cpu_device_per_core): on 2 cores DenseNet121\'s forward '
-                  'was 1.1-1.2x faster and compiled in a third of the time.')
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  from drjax import checkpoint, host
-
-  # Both before jax starts.
-  if FLAGS.one_device_per_core:
-    count = host.one_cpu_device_per_core()
-    logging.info('--one_device_per_core: %s', f'{count} CPU devices' if count else
-                 'left the device count as it was set')
-  # With several CPU devices, glibc's own malloc: under keep_freed_memory's one heap the
-  # devices' threads contend for its lock. Batch-4 Grad-CAM with a device per core on two
-  # cores ran at 3.82-4.23x pytorch-grad-cam for DenseNet121 (13 runs) against 4.94-5.19x
-  # without it, ResNet101 at 3.93-4.17x against 4.02-4.37x (benchmarks/README.md, "The heap").
-  if host.cpu_device_count() == 1:
-    host.keep_freed_memory()  # see drjax/host.py
-  host.enable_compilation_cache()  # the next run loads what this one compiles
-  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
-  from drjax import cam_study
-
   path = cam_study.run_workdirs(
       FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, idrid_dir=FLAGS.idrid_dir,
       num_images=FLAGS.num_images, methods=FLAGS.methods, image_size=FLAGS.image_size,
@@ -60,4 +41,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from drjax import compare, sweep
+from drjax import compare, runtime, sweep
 
 _WORKDIRS = flags.DEFINE_list(
     'workdirs', [], 'Run workdirs, comma- or space-separated (--workdirs A B C).')
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

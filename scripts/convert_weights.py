@@ -11,9 +11,9 @@ own head (ImageNet's 1000 classes) is kept; `--num_classes 5` drops a head of
 another size, to be initialised freshly when training.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from drjax import models, weights
+from drjax import models, runtime, weights
 
 flags.DEFINE_enum('arch', None, list(models.MODEL_NAMES), 'Architecture.', required=True)
 flags.DEFINE_string('torch_checkpoint', None, 'torchvision state_dict (.pth or .safetensors).',
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

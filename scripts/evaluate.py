@@ -3,7 +3,7 @@ r"""Evaluates a saved training run on a split of its dataset, or of another conf
   python scripts/evaluate.py --workdir RUN [--split validation|test|train] [--out FILE]
   # another dataset: take the `input` block of a config file, with overrides
   python scripts/evaluate.py --workdir RUN --config configs/densenet.py \
-      --config.input.dataset=idrid --config.input.manual_dir=../shared/data/idrid
+      --config.input.dataset=idrid --config.input.manual_dir=/path/to/idrid
 
 Writes drjax.metrics.classification_report (5-class accuracy, confusion matrix,
 quadratic weighted kappa, per-grade and referable/any-DR sensitivity, specificity,
@@ -16,6 +16,8 @@ import pathlib
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from drjax import evaluate, runtime
 
 flags.DEFINE_string('workdir', None, 'Training run directory (scripts/train.py).',
                     required=True)
@@ -33,14 +35,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from drjax import checkpoint, host
-
-  host.keep_freed_memory()  # before jax starts; see drjax/host.py
-  host.enable_compilation_cache()  # the next run loads what this one compiles
-  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
-  from drjax import train
-
-  report = train.evaluate_run(FLAGS.workdir, split=FLAGS.split,
+  report = evaluate.evaluate_run(FLAGS.workdir, split=FLAGS.split,
                               config_input=FLAGS.config.input if FLAGS.config else None,
                               batch_size=FLAGS.batch_size, step=FLAGS.step)
   out = FLAGS.out or str(pathlib.Path(FLAGS.workdir) /
@@ -53,4 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

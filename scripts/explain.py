@@ -12,9 +12,11 @@ training. Masks: `<stem>.npz` with 'masks' [H, W, 5] (MA, HE, EX, SE, NV) or
 IDRiD-style `<stem>_MA.tif`, `<stem>_HE.tif`, ... anywhere under DIR.
 """
 
-from absl import app, flags
+from absl import flags
 
-flags.DEFINE_string('workdir', None, 'Training run (drjax.train.load_run).', required=True)
+from drjax import evaluate, explain, gradcam, runtime
+
+flags.DEFINE_string('workdir', None, 'Training run (drjax.evaluate.load_run).', required=True)
 flags.DEFINE_list('images', None, 'Image files and/or folders.', required=True)
 flags.DEFINE_string('masks', None, 'Folder of lesion masks (optional).')
 flags.DEFINE_string('method', 'gradcam', 'A key of drjax.gradcam.METHODS.')
@@ -28,19 +30,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from drjax import checkpoint, host
-
-  host.keep_freed_memory()  # before jax starts; see drjax/host.py
-  host.enable_compilation_cache()  # the next run loads what this one compiles
-  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
-  from drjax import cam_study, gradcam, train
-
-  config, model, variables = train.load_run(FLAGS.workdir)
+  config, model, variables = evaluate.load_run(FLAGS.workdir)
   targets = {'predicted': None, 'referable': gradcam.referable_dr_target}.get(FLAGS.target)
   if targets is None and FLAGS.target != 'predicted':
     targets = [int(FLAGS.target)]
-  report = cam_study.explain(
-      model, variables, cam_study.list_images(FLAGS.images), FLAGS.out,
+  report = explain.explain(
+      model, variables, explain.list_images(FLAGS.images), FLAGS.out,
       image_size=config.input.image_size, method=FLAGS.method, layer=FLAGS.layer,
       masks_dir=FLAGS.masks, targets=targets, tolerance=FLAGS.tolerance,
       btgraham=bool(config.input.get('btgraham', False)))
@@ -52,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -11,11 +11,10 @@ others continue; the exit status is 1 if any run failed. The summary is written 
 ROOT/summary.md and ROOT/summary.csv (`--aggregate_only` just rewrites it).
 """
 
-import sys
 
 from absl import app, flags
 
-from drjax import sweep
+from drjax import runtime, sweep
 
 _ROOT = flags.DEFINE_string('root', None, 'Directory holding one workdir per run.',
                             required=True)
@@ -57,4 +56,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.exit(app.run(main))
+  runtime.run(main)

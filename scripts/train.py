@@ -14,10 +14,11 @@ under `srun`/`mpirun`, where all three are detected (see drjax/distributed.py).
 
 import datetime
 import pathlib
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from drjax import distributed, runtime, train
 
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/densenet.py[:smoke].',
                                 lock_config=True)
@@ -47,18 +48,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from drjax import checkpoint, distributed, host
-
-  host.keep_freed_memory()  # before jax starts; see drjax/host.py
-  host.enable_compilation_cache()  # the next run loads what this one compiles
-  checkpoint.quiet_orbax_info_logs()  # its saves and restores log every phase at INFO
-
   # Before anything touches a device.
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          mode=FLAGS.distributed, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
                          initialization_timeout_seconds=FLAGS.initialization_timeout)
-  from drjax import train
-
   config = FLAGS.config
   workdir = FLAGS.workdir
   if workdir is None:
@@ -68,11 +61,8 @@ def main(argv):
   logging.info('workdir: %s', workdir)
   print(f'workdir: {workdir}', flush=True)
   with distributed.peer_failure_context():
-    try:
-      train.train_and_evaluate(config, workdir)
-    except train.WorkdirBusyError as e:
-      sys.exit(f'error: {e}')
+    train.train_and_evaluate(config, workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -12,7 +12,7 @@ if 'xla_force_host_platform_device_count' not in _FLAGS:
 # No test downloads anything: drjax.weights.resolve never tries torchvision's URLs
 # (subprocesses inherit this).
 os.environ['DRJAX_NO_DOWNLOAD'] = '1'
-# The scripts keep compiled programs on disk (drjax.host.enable_compilation_cache); in tests,
+# The scripts keep compiled programs on disk (drjax.runtime.setup); in tests,
 # in a folder of this session's own rather than the user's cache (subprocesses inherit it).
 if 'DRJAX_COMPILATION_CACHE' not in os.environ:
   os.environ['DRJAX_COMPILATION_CACHE'] = tempfile.mkdtemp(prefix='drjax-test-xla-cache-')
@@ -22,13 +22,14 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-IDRID_DIR = REPO_ROOT.parent / 'shared' / 'data' / 'idrid'
+# A copy of IDRiD in its official layout ("A. Segmentation", "B. Disease Grading"), read-only.
+IDRID_ENV_VAR = 'DRJAX_IDRID_DIR'
 
 
 @pytest.fixture(scope='session')
 def idrid_dir() -> pathlib.Path:
-  """The read-only IDRiD training splits beside the checkout (skips if absent)."""
-  if not IDRID_DIR.is_dir():
-    pytest.skip(f'IDRiD data not found at {IDRID_DIR}')
-  return IDRID_DIR
+  """$DRJAX_IDRID_DIR, the IDRiD copy the real-data tests read (they skip without it)."""
+  path = os.environ.get(IDRID_ENV_VAR)
+  if not path or not pathlib.Path(path).is_dir():
+    pytest.skip(f'no IDRiD copy: set {IDRID_ENV_VAR} to one')
+  return pathlib.Path(path)

@@ -17,7 +17,7 @@ import pytest
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
 
-from drjax import checkpoint, train
+from drjax import checkpoint, evaluate, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KILL_AT = 5  # SIGKILL after step 5: after the step-3 checkpoint, before the step-6 one.
@@ -52,7 +52,7 @@ def reference_run(tmp_path_factory, data_dir):
 
 
 def _final(workdir):
-  _, _, variables = train.load_run(workdir)
+  _, _, variables = evaluate.load_run(workdir)
   report = json.loads((workdir / 'metrics.json').read_text())
   rows = [{k: v for k, v in r.items() if k != 'steps_per_sec'}
           for r in train.read_metrics_jsonl(workdir)]
@@ -148,7 +148,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   manager = checkpoint.make_manager(workdir / 'checkpoints', read_only=True)
   assert manager.latest_step() == 6
   manager.close()
-  _, _, variables = train.load_run(workdir)
+  _, _, variables = evaluate.load_run(workdir)
   chex.assert_tree_all_finite(variables)
 
 

@@ -370,7 +370,7 @@ def test_methods_dict_has_one_signature(toy):
 
 @pytest.fixture(scope='module')
 def tiny_run(toy):
-  """The toy model as a 'run' at 32 px, standing in for drjax.train.load_run."""
+  """The toy model as a 'run' at 32 px, standing in for drjax.evaluate.load_run."""
   import ml_collections as mlc
   model, variables, _ = toy
   config = mlc.ConfigDict(dict(model='toynet', num_classes=5,
@@ -381,15 +381,15 @@ def tiny_run(toy):
 def test_explain_writes_figure_heatmaps_and_scores(tiny_run, tmp_path):
   from PIL import Image
 
-  from drjax import cam_study
+  from drjax import explain
   from drjax.data import synthetic
   config, model, variables = tiny_run
   ex = synthetic.generate_example(7, 3, image_size=96)
   (tmp_path / 'in').mkdir()
   Image.fromarray(ex['image']).save(tmp_path / 'in' / 'eye1.png')
   np.savez(tmp_path / 'in' / 'eye1.npz', masks=ex['masks'])
-  report = cam_study.explain(model, variables, cam_study.list_images([str(tmp_path / 'in')]),
-                             tmp_path / 'out', image_size=SIZE, masks_dir=tmp_path / 'in')
+  report = explain.explain(model, variables, explain.list_images([str(tmp_path / 'in')]),
+                           tmp_path / 'out', image_size=SIZE, masks_dir=tmp_path / 'in')
   assert (tmp_path / 'out' / 'eye1_gradcam.png').exists()
   heat = np.load(tmp_path / 'out' / 'heatmaps_gradcam.npz')['eye1']
   assert heat.shape == (SIZE, SIZE) and 0 <= heat.min() and heat.max() <= 1
@@ -433,8 +433,8 @@ def test_cam_study_heatmaps_split_over_devices_equal_one_device(toy, monkeypatch
 
 
 def test_cam_study_report(tiny_run, tmp_path, monkeypatch):
-  from drjax import cam_study, train
-  monkeypatch.setattr(train, 'load_run', lambda workdir: tiny_run)
+  from drjax import cam_study, evaluate
+  monkeypatch.setattr(evaluate, 'load_run', lambda workdir: tiny_run)
   path = cam_study.run_workdirs([str(tmp_path / 'run')], tmp_path / 'study', num_images=3,
                                 methods=('gradcam', 'layercam'), faithfulness_images=1,
                                 stats_size=96)
@@ -454,9 +454,10 @@ def test_cam_study_report(tiny_run, tmp_path, monkeypatch):
 
 
 def test_save_panel(tiny_run, tmp_path):
-  from drjax import gradcam as g
+  from drjax import cam_figures
   config, model, variables = tiny_run
   images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), dtype=np.uint8)
-  heat = g.save_panel(model, variables, images, str(tmp_path / 'panel.png'), labels=[0, 3])
+  heat = cam_figures.save_panel(model, variables, images, str(tmp_path / 'panel.png'),
+                                labels=[0, 3])
   assert heat.shape == (2, SIZE, SIZE)
   assert (tmp_path / 'panel.png').stat().st_size > 0

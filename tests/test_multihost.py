@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from drjax import distributed, train
+from drjax import distributed, evaluate, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Generous: the runs take seconds on an idle machine; these only turn a hang into a failure.
@@ -126,9 +126,9 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path, 
   assert 'Resuming from checkpoint step 2' in result.stdout
   assert 'drjax: process' not in result.stdout  # a plain single-process run
 
-  _, _, at2 = train.load_run(w2, step=2)
-  _, _, two = train.load_run(w2, step=4)
-  _, _, one = train.load_run(w1, step=4)
+  _, _, at2 = evaluate.load_run(w2, step=2)
+  _, _, two = evaluate.load_run(w2, step=4)
+  _, _, one = evaluate.load_run(w1, step=4)
   chex.assert_trees_all_close(one, two, rtol=1e-5, atol=1e-6)
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        at2['params'], two['params'])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from drjax import train
+from drjax import evaluate, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_train_script_leaves_every_artefact(smoke_run):
 
 def test_load_run_restores_the_final_variables(smoke_run):
   workdir, _, _ = smoke_run
-  config, model, variables = train.load_run(workdir)
+  config, model, variables = evaluate.load_run(workdir)
   assert config.model == 'densenet_tiny'
   assert set(variables) == {'params', 'batch_stats'}
   assert 'classifier' in variables['params']

@@ -13,10 +13,10 @@ import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 
-from drjax import freeze, models, train
-from drjax.models import layers
+from drjax import evaluate, freeze, models, train
+from drjax import mesh as mesh_lib
+from drjax.kernels import cpu_conv
 
 SIZE = 32
 BATCH = 8
@@ -42,8 +42,8 @@ def _setup(model, variables, trainable, devices=None, lr=1e-2, **kwargs):
   # The step donates its state: never hand it the fixture's own buffers.
   variables = jax.tree.map(jnp.copy, variables)
   labels = freeze.trainable_labels(variables['params'], trainable)
-  mesh = train.make_mesh(devices)
-  state = train.replicate(train.create_train_state(variables, tx, labels), mesh)
+  mesh = mesh_lib.make_mesh(devices)
+  state = mesh_lib.replicate(train.create_train_state(variables, tx, labels), mesh)
   step_fn = train.make_train_step(model, tx, labels, mesh=mesh, **kwargs)
   return state, step_fn, labels, mesh
 
@@ -61,7 +61,7 @@ def test_frozen_params_and_their_batch_stats_are_bit_identical_after_steps(tiny)
   state, step_fn, labels, mesh = _setup(
       model, variables, PAPER_LIKE, augment_fn=augment.make_augment_fn(augment.default_config()))
   before = _flat({'params': state.params, 'batch_stats': state.batch_stats})
-  batch = train.shard_batch(_batch(), mesh)
+  batch = mesh_lib.shard_batch(_batch(), mesh)
   for _ in range(3):
     state, metrics = step_fn(state, batch, jax.random.key(1))
   chex.assert_tree_all_finite(metrics)
@@ -90,7 +90,7 @@ def test_frozen_bn_in_train_mode_updates_stats_but_not_params(tiny):
   model, variables = tiny
   state, step_fn, _, mesh = _setup(model, variables, PAPER_LIKE, frozen_bn_inference=False)
   before = _flat({'params': state.params, 'batch_stats': state.batch_stats})
-  state, _ = step_fn(state, train.shard_batch(_batch(), mesh), jax.random.key(1))
+  state, _ = step_fn(state, mesh_lib.shard_batch(_batch(), mesh), jax.random.key(1))
   after = _flat({'params': state.params, 'batch_stats': state.batch_stats})
   np.testing.assert_array_equal(before['params/features/norm0/scale'],
                                 after['params/features/norm0/scale'])
@@ -100,7 +100,7 @@ def test_frozen_bn_in_train_mode_updates_stats_but_not_params(tiny):
 
 def _flops(model, variables, trainable):
   state, step_fn, _, mesh = _setup(model, variables, trainable, devices=jax.devices()[:1])
-  compiled = step_fn.lower(state, train.shard_batch(_batch(), mesh), jax.random.key(0)).compile()
+  compiled = step_fn.lower(state, mesh_lib.shard_batch(_batch(), mesh), jax.random.key(0)).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost
   return cost['flops']
@@ -122,7 +122,7 @@ def test_sharded_step_equals_single_device_step(tiny):
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     state, step_fn, _, mesh = _setup(model, variables, PAPER_LIKE, devices=devices)
     for i in range(2):
-      state, metrics = step_fn(state, train.shard_batch(_batch(i), mesh), jax.random.key(3))
+      state, metrics = step_fn(state, mesh_lib.shard_batch(_batch(i), mesh), jax.random.key(3))
     if len(devices) == 4:
       assert state.params['classifier']['kernel'].sharding.is_fully_replicated
     results.append(jax.device_get((state, metrics)))
@@ -136,7 +136,7 @@ def test_loss_decreases_on_a_tiny_problem(tiny, mixed_precision):
   model = models.get_model('densenet_tiny', num_classes=5, dtype=dtype)
   state, step_fn, _, mesh = _setup(model, variables, ['.*'], lr=3e-3,
                                    mixed_precision=mixed_precision)
-  batch = train.shard_batch(_batch(), mesh)
+  batch = mesh_lib.shard_batch(_batch(), mesh)
   losses = []
   for _ in range(20):
     state, metrics = step_fn(state, batch, jax.random.key(0))
@@ -239,28 +239,33 @@ def test_workdir_lock_dies_with_its_holder(tmp_path):
     pass
 
 
-class _WinogradNet(nn.Module):
-  """Two 64 -> 64 3x3 convolutions: the second takes Winograd on a CPU."""
+def test_evaluate_drops_the_padding_and_keeps_the_order(tiny):
+  model, variables = tiny
+  images = _batch(n=8)['image']
+  batches = [{'image': images[:4], 'label': np.arange(4), 'valid': np.ones(4, bool)},
+             {'image': np.concatenate([images[4:6], images[:2]]), 'label': np.arange(4, 8),
+              'valid': np.array([True, True, False, False])}]
+  labels, probs = evaluate.evaluate(model, variables, iter(batches), mesh_lib.make_mesh())
+  np.testing.assert_array_equal(labels, np.arange(6))
+  np.testing.assert_allclose(probs, evaluate.eval_step(variables, images[:6], model=model),
+                             rtol=1e-5, atol=1e-6)
 
-  @nn.compact
-  def __call__(self, x, train=False):
-    del train
-    x = layers.conv(64, 3, padding=1)(x)
-    return layers.conv(64, 3, padding=1)(x).mean((1, 2))[:, :5]
+
+def test_build_model_takes_the_cpu_convolutions_only_when_asked():
+  config = mlc.ConfigDict({'model': 'resnet_tiny', 'num_classes': 3, 'cpu_conv': False})
+  assert evaluate.build_model(config).conv_general_dilated is None
+  config.cpu_conv = True
+  assert evaluate.build_model(config).conv_general_dilated == cpu_conv.make()
+  assert evaluate.build_model(config).num_classes == 3
 
 
-def test_evaluate_computes_the_winograd_kernels_once():
-  net = _WinogradNet()
-  images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
-  variables = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  seen = []
-
-  def eval_fn(variables, images):
-    seen.append(sorted(variables))
-    return train.eval_step(variables, images, model=net)
-
-  labels, probs = train.evaluate(net, variables, iter([{'image': images, 'label': np.arange(4)}]),
-                                 train.make_mesh(), eval_fn)
-  assert seen == [['params', 'winograd']]
-  np.testing.assert_array_equal(labels, np.arange(4))
-  np.testing.assert_allclose(probs, train.eval_step(variables, images, model=net), rtol=1e-6)
+def test_metric_writer_replays_a_resumed_run_from_its_checkpoint(tmp_path):
+  with train.metric_writer(tmp_path, 0) as write:
+    for step in range(1, 6):
+      write(step, {'train_loss': 1.0 / step})
+  with train.metric_writer(tmp_path, 3) as write:  # resumed at step 3's checkpoint
+    write(4, {'train_loss': 0.5})
+  rows = train.read_metrics_jsonl(tmp_path)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert rows[-1]['train_loss'] == 0.5 and rows[1]['train_loss'] == 0.5
+  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))

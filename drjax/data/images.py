@@ -15,10 +15,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from drjax import errors
+
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels, PIL's order.
 
 
-class BadImageError(ValueError):
+class BadImageError(errors.UserError, ValueError):
   """An image that cannot be used; `str(error)` is the reason shown in skip reports."""
 
 

@@ -1,5 +1,9 @@
-"""Pieces shared by the model ports: ImageNet normalisation and named-stage taps."""
+"""What the model ports share: ImageNet normalisation, named-stage taps and initialisation."""
 
+import functools
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -17,11 +21,34 @@ def normalize(images: jnp.ndarray) -> jnp.ndarray:
 def tap(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
   """Marks `x` as the named stage `name`, reachable without hooks.
 
-  The activation is sown into the 'intermediates' collection and passes through
-  `Module.perturb`, so the gradient of any output with respect to it is the
-  gradient with respect to the 'perturbations' entry of the same name. Both are
-  no-ops unless the caller asks for those collections.
+  When the caller makes the collections mutable, `x` gets a zero 'perturbations' entry added
+  (so the gradient of any output with respect to that entry is its gradient with respect to
+  the stage, as flax's `Module.perturb`) and is stored in 'intermediates' as a 1-tuple (as
+  `Module.sow`); otherwise, and during `init`, `x` passes unchanged. Unlike `perturb` and
+  `sow`, the name is not reserved in the module's scope: ResNet's 'layer1' tap shares its
+  name with the 'layer1' submodule that holds the parameters.
   """
-  x = module.perturb(name, x)
-  module.sow('intermediates', name, x)
+  scope = module.scope
+  if module.is_initializing():
+    return x
+  if scope.is_mutable_collection('perturbations') and not scope.has_variable(
+      'perturbations', name):
+    scope.put_variable('perturbations', name, jnp.zeros_like(x))
+  if scope.has_variable('perturbations', name):
+    x = x + scope.get_variable('perturbations', name)
+  if scope.is_mutable_collection('intermediates'):
+    scope.put_variable('intermediates', name, (x,))
   return x
+
+
+def init_variables(model: nn.Module, rng: jax.Array,
+                   image_size: int | Sequence[int] = 32) -> dict:
+  """`model.init` on one zero image, as exactly `{'params', 'batch_stats'}`.
+
+  'batch_stats' is empty for models without BatchNorm, so that train steps and checkpoints
+  handle every architecture alike.
+  """
+  height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+  images = jnp.zeros((1, height, width, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}

@@ -1,12 +1,12 @@
 """DenseNet (Huang et al. 2017, "Densely Connected Convolutional Networks"): torchvision port.
 
 Parameter paths mirror torchvision's module names
-(`features/denseblock4/denselayer16/conv2/kernel`, `classifier/kernel`), so
-converting torchvision weights is a rename (see drjax.weights).
+(`features/denseblock4/denselayer16/conv2/kernel`, `classifier/kernel`), so converting
+torchvision weights is a rename (see drjax.weights).
 
-Named stages (drjax.models.common.tap), in forward order: 'conv0' (conv0 + norm0
-+ relu0), 'pool0', 'denseblock1', 'transition1', ..., 'transition3',
-'denseblock4', 'norm5' (norm5 + ReLU: the trunk's final features).
+Named stages (drjax.models.common.tap), in forward order: 'conv0' (conv0 + norm0 + relu0),
+'pool0', 'denseblock1', 'transition1', ..., 'transition3', 'denseblock4', 'norm5' (norm5 +
+ReLU: the trunk's final features).
 """
 
 import functools
@@ -27,13 +27,16 @@ class _DenseLayer(nn.Module):
   growth_rate: int
   bn_size: int
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    conv = functools.partial(layers.conv, dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
     y = nn.relu(layers.batch_norm(train, name='norm1', dtype=self.dtype)(x))
-    y = layers.conv(self.bn_size * self.growth_rate, 1, name='conv1', dtype=self.dtype)(y)
+    y = conv(self.bn_size * self.growth_rate, 1, name='conv1')(y)
     y = nn.relu(layers.batch_norm(train, name='norm2', dtype=self.dtype)(y))
-    return layers.conv(self.growth_rate, 3, padding=1, name='conv2', dtype=self.dtype)(y)
+    return conv(self.growth_rate, 3, padding=1, name='conv2')(y)
 
 
 class _DenseBlock(nn.Module):
@@ -42,16 +45,17 @@ class _DenseBlock(nn.Module):
   growth_rate: int
   bn_size: int
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    # Same channel order as torch.cat([init, new_1, new_2, ...], 1), written into one buffer
-    # of the block's final width instead of concatenated anew by every layer.
+    # torch.cat([init, new_1, new_2, ...], 1)'s channel order, written into one buffer of the
+    # block's final width instead of concatenated anew by every layer.
     width = x.shape[-1]
     block = jnp.zeros(x.shape[:-1] + (width + self.num_layers * self.growth_rate,), x.dtype)
     block = lax.dynamic_update_slice_in_dim(block, x, 0, axis=-1)
     for i in range(self.num_layers):
-      new = _DenseLayer(self.growth_rate, self.bn_size, self.dtype,
+      new = _DenseLayer(self.growth_rate, self.bn_size, self.dtype, self.conv_general_dilated,
                         name=f'denselayer{i + 1}')(block[..., :width], train)
       block = lax.dynamic_update_slice_in_dim(block, new.astype(block.dtype), width, axis=-1)
       width += self.growth_rate
@@ -61,20 +65,20 @@ class _DenseBlock(nn.Module):
 class _Transition(nn.Module):
   """BN-ReLU-Conv1x1 halving the channels, then 2x2 average pooling.
 
-  The pooling runs before the convolution: both are linear and the 1x1
-  convolution acts on each pixel alone, so avg_pool(conv(x)) == conv(avg_pool(x))
-  up to float32 rounding, and the convolution sees a quarter of the pixels.
-  (torchvision pools after; in DenseNet121's forward on one CPU core the three
-  transitions' convolutions took 49 of 470 ms at batch 4.)
+  The pooling runs before the convolution (torchvision pools after): both are linear and a
+  1x1 convolution acts on each pixel alone, so the result is the same up to float32 rounding
+  and the convolution sees a quarter of the pixels.
   """
   features: int
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = nn.relu(layers.batch_norm(train, name='norm', dtype=self.dtype)(x))
     x = layers.avg_pool(x, 2, 2)
-    return layers.conv(self.features, 1, name='conv', dtype=self.dtype)(x)
+    return layers.conv(self.features, 1, name='conv', dtype=self.dtype,
+                       conv_general_dilated=self.conv_general_dilated)(x)
 
 
 class _Features(nn.Module):
@@ -84,23 +88,25 @@ class _Features(nn.Module):
   num_init_features: int
   bn_size: int
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool, tap_fn: TapFn) -> jnp.ndarray:
     x = layers.conv(self.num_init_features, 7, stride=2, padding=3, name='conv0',
-                    dtype=self.dtype)(x)
+                    dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)(x)
     x = nn.relu(layers.batch_norm(train, name='norm0', dtype=self.dtype)(x))
     x = tap_fn('conv0', x)
     x = tap_fn('pool0', layers.max_pool(x, 3, 2, 1))
     num_features = self.num_init_features
     for i, num_layers in enumerate(self.block_config):
       x = _DenseBlock(num_layers, self.growth_rate, self.bn_size, self.dtype,
-                      name=f'denseblock{i + 1}')(x, train)
+                      self.conv_general_dilated, name=f'denseblock{i + 1}')(x, train)
       x = tap_fn(f'denseblock{i + 1}', x)
       num_features += num_layers * self.growth_rate
       if i != len(self.block_config) - 1:
         num_features //= 2
-        x = _Transition(num_features, self.dtype, name=f'transition{i + 1}')(x, train)
+        x = _Transition(num_features, self.dtype, self.conv_general_dilated,
+                        name=f'transition{i + 1}')(x, train)
         x = tap_fn(f'transition{i + 1}', x)
     # torchvision applies this ReLU in DenseNet.forward, after the features.
     x = nn.relu(layers.batch_norm(train, name='norm5', dtype=self.dtype)(x))
@@ -117,6 +123,7 @@ class DenseNet(nn.Module):
     bn_size: bottleneck width multiplier (bn_size * growth_rate channels).
     num_classes: size of the `classifier` head.
     dtype: computation dtype (parameters stay float32; logits are float32).
+    conv_general_dilated: the convolution primitive of every conv (None: lax's).
   """
   growth_rate: int = 32
   block_config: Sequence[int] = (6, 12, 24, 16)
@@ -124,6 +131,9 @@ class DenseNet(nn.Module):
   bn_size: int = 4
   num_classes: int = 1000
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
+
+  head_path = ('classifier',)  # replaced when fine-tuning (drjax.weights)
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -138,31 +148,16 @@ class DenseNet(nn.Module):
   def default_cam_layer(self) -> str:
     return f'denseblock{len(self.block_config)}'
 
-  @property
-  def head_path(self) -> tuple[str, ...]:
-    """Parameter path of the classification head (replaced when fine-tuning)."""
-    return ('classifier',)
-
-  @nn.nowrap
-  def make_head(self, name: str | None = None) -> nn.Dense:
-    """The classification head, as __call__ builds it (torchvision: default weights, zero bias)."""
-    return nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
-                    name=name)
-
-  @nn.nowrap
-  def init(self, *args, **kwargs):
-    """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
-    return layers.clean_init_variables(super().init(*args, **kwargs))
-
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Logits [B, num_classes] (float32) for ImageNet-normalised images [B, H, W, 3]."""
     x = jnp.asarray(x, self.dtype)
     x = _Features(self.growth_rate, tuple(self.block_config), self.num_init_features,
-                  self.bn_size, self.dtype, name='features')(
+                  self.bn_size, self.dtype, self.conv_general_dilated, name='features')(
                       x, train, functools.partial(common.tap, self))
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
-    x = self.make_head(name='classifier')(x)
+    x = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
+                 name='classifier')(x)
     return jnp.asarray(x, jnp.float32)
 
 

@@ -1,15 +1,15 @@
 """ResNet (He et al. 2016, "Deep Residual Learning for Image Recognition"), a port of torchvision's.
 
-torchvision's variant ("v1.5") strides the 3x3 convolution of the bottleneck,
-not the first 1x1. Parameter paths mirror torchvision's module names
-(`layer4/2/conv3/kernel`, `layer1/0/downsample/0/kernel`, `fc/kernel`).
+torchvision's variant ("v1.5") strides the 3x3 convolution of the bottleneck, not the first
+1x1. Parameter paths mirror torchvision's module names (`layer4/2/conv3/kernel`,
+`layer1/0/downsample/0/kernel`, `fc/kernel`).
 
-Named stages (drjax.models.common.tap), in forward order: 'stem' (conv1 + bn1 +
-relu + maxpool, the input of layer1), 'layer1', 'layer2', 'layer3', 'layer4'.
+Named stages (drjax.models.common.tap), in forward order: 'stem' (conv1 + bn1 + relu +
+maxpool, the input of layer1), 'layer1', 'layer2', 'layer3', 'layer4'.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -23,11 +23,13 @@ class _Downsample(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = layers.conv(self.features, 1, stride=self.stride, name='0',
-                    kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype)(x)
+                    kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype,
+                    conv_general_dilated=self.conv_general_dilated)(x)
     return layers.batch_norm(train, name='1', dtype=self.dtype)(x)
 
 
@@ -37,21 +39,19 @@ class BasicBlock(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
   zero_init_residual: bool = False  # bn2's scale starts at 0: the block starts as identity
+  conv_general_dilated: Callable | None = None
   expansion: ClassVar[int] = 1
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     conv = functools.partial(layers.conv, kernel_init=layers.kaiming_normal_fan_out,
-                             dtype=self.dtype)
+                             dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
-    out = layers.relu(norm(name='bn1')(conv(self.planes, 3, stride=self.stride, padding=1,
-                                            name='conv1')(x)))
+    out = nn.relu(norm(name='bn1')(conv(self.planes, 3, stride=self.stride, padding=1,
+                                        name='conv1')(x)))
     out = norm(name='bn2', zero_scale=self.zero_init_residual)(
         conv(self.planes, 3, padding=1, name='conv2')(out))
-    if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
-      x = _Downsample(self.planes * self.expansion, self.stride, self.dtype,
-                      name='downsample')(x, train)
-    return layers.relu(out + x)
+    return nn.relu(out + _shortcut(self, x, train))
 
 
 class Bottleneck(nn.Module):
@@ -60,22 +60,28 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
   zero_init_residual: bool = False  # bn3's scale starts at 0: the block starts as identity
+  conv_general_dilated: Callable | None = None
   expansion: ClassVar[int] = 4
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     conv = functools.partial(layers.conv, kernel_init=layers.kaiming_normal_fan_out,
-                             dtype=self.dtype)
+                             dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)
     norm = functools.partial(layers.batch_norm, train, dtype=self.dtype)
-    out = layers.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x)))
-    out = layers.relu(norm(name='bn2')(conv(self.planes, 3, stride=self.stride, padding=1,
-                                            name='conv2')(out)))
+    out = nn.relu(norm(name='bn1')(conv(self.planes, 1, name='conv1')(x)))
+    out = nn.relu(norm(name='bn2')(conv(self.planes, 3, stride=self.stride, padding=1,
+                                        name='conv2')(out)))
     out = norm(name='bn3', zero_scale=self.zero_init_residual)(
         conv(self.planes * self.expansion, 1, name='conv3')(out))
-    if self.stride != 1 or x.shape[-1] != self.planes * self.expansion:
-      x = _Downsample(self.planes * self.expansion, self.stride, self.dtype,
-                      name='downsample')(x, train)
-    return layers.relu(out + x)
+    return nn.relu(out + _shortcut(self, x, train))
+
+
+def _shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  """`x`, projected where the block changes the resolution or the width."""
+  if block.stride == 1 and x.shape[-1] == block.planes * block.expansion:
+    return x
+  return _Downsample(block.planes * block.expansion, block.stride, block.dtype,
+                     block.conv_general_dilated, parent=block, name='downsample')(x, train)
 
 
 class _Layer(nn.Module):
@@ -86,12 +92,13 @@ class _Layer(nn.Module):
   stride: int
   dtype: Any = jnp.float32
   zero_init_residual: bool = False
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     for i in range(self.num_blocks):
       x = self.block(self.planes, self.stride if i == 0 else 1, self.dtype,
-                     self.zero_init_residual, name=str(i))(x, train)
+                     self.zero_init_residual, self.conv_general_dilated, name=str(i))(x, train)
     return x
 
 
@@ -104,10 +111,10 @@ class ResNet(nn.Module):
     widths: `planes` of layer1..layer4 (the stem has widths[0] channels).
     num_classes: size of the `fc` head.
     dtype: computation dtype (parameters stay float32; logits are float32).
-    zero_init_residual: torchvision's option of the same name (Goyal et al. 2017): the
-      last BatchNorm of every residual branch starts with scale 0, so that each block
-      starts as the identity. Only the initialisation changes; it helps a deep ResNet
-      train from scratch.
+    zero_init_residual: torchvision's option of the same name (Goyal et al. 2017): the last
+      BatchNorm of every residual branch starts with scale 0, so that each block starts as
+      the identity, which helps a deep ResNet train from scratch.
+    conv_general_dilated: the convolution primitive of every conv (None: lax's).
   """
   block: Any = Bottleneck
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
@@ -115,6 +122,9 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   dtype: Any = jnp.float32
   zero_init_residual: bool = False
+  conv_general_dilated: Callable | None = None
+
+  head_path = ('fc',)  # replaced when fine-tuning (drjax.weights)
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -124,49 +134,23 @@ class ResNet(nn.Module):
   def default_cam_layer(self) -> str:
     return f'layer{len(self.stage_sizes)}'
 
-  @property
-  def head_path(self) -> tuple[str, ...]:
-    """Parameter path of the classification head (replaced when fine-tuning)."""
-    return ('fc',)
-
-  @nn.nowrap
-  def make_head(self, name: str | None = None) -> nn.Dense:
-    """The classification head, as __call__ builds it."""
-    return nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
-                    name=name)
-
-  @nn.nowrap
-  def init(self, *args, **kwargs):
-    """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
-    return layers.clean_init_variables(super().init(*args, **kwargs))
-
-  # The taps 'layer1'..'layer4' share their names with the submodules holding the
-  # parameters, which flax's own perturb/sow refuse (see layers.perturb_unreserved).
-  @nn.nowrap
-  def perturb(self, name: str, value: jnp.ndarray,
-              collection: str = 'perturbations') -> jnp.ndarray:
-    return layers.perturb_unreserved(self, name, value, collection)
-
-  @nn.nowrap
-  def sow(self, col: str, name: str, value, **kwargs) -> bool:
-    if kwargs:
-      return super().sow(col, name, value, **kwargs)
-    return layers.sow_unreserved(self, col, name, value)
-
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Logits [B, num_classes] (float32) for ImageNet-normalised images [B, H, W, 3]."""
     x = jnp.asarray(x, self.dtype)
     x = layers.conv(self.widths[0], 7, stride=2, padding=3, name='conv1',
-                    kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype)(x)
-    x = layers.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
+                    kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype,
+                    conv_general_dilated=self.conv_general_dilated)(x)
+    x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
     x = common.tap(self, 'stem', layers.max_pool(x, 3, 2, 1))
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       x = _Layer(self.block, planes, num_blocks, 1 if i == 0 else 2, self.dtype,
-                 self.zero_init_residual, name=f'layer{i + 1}')(x, train)
+                 self.zero_init_residual, self.conv_general_dilated,
+                 name=f'layer{i + 1}')(x, train)
       x = common.tap(self, f'layer{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
-    x = self.make_head(name='fc')(x)
+    x = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
+                 name='fc')(x)
     return jnp.asarray(x, jnp.float32)
 
 

@@ -53,6 +53,7 @@ class _Features(nn.Module):
   cfg: Sequence[int | str]
   batch_norm: bool
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool, tap_fn: TapFn) -> jnp.ndarray:
@@ -64,12 +65,13 @@ class _Features(nn.Module):
         index, block, conv = index + 1, block + 1, 1
         continue
       x = layers.conv(v, 3, padding=1, use_bias=True, name=str(index),
-                      kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype)(x)
+                      kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype,
+                      conv_general_dilated=self.conv_general_dilated)(x)
       index += 1
       if self.batch_norm:
         x = layers.batch_norm(train, name=str(index), dtype=self.dtype)(x)
         index += 1
-      x = tap_fn(f'conv{block}_{conv}', layers.relu(x))
+      x = tap_fn(f'conv{block}_{conv}', nn.relu(x))
       index, conv = index + 1, conv + 1  # the ReLU takes a Sequential index too
     return x
 
@@ -84,9 +86,9 @@ class _Classifier(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     dense = functools.partial(_dense, dtype=self.dtype)
-    x = layers.relu(dense(self.hidden, name='0')(x))
+    x = nn.relu(dense(self.hidden, name='0')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = layers.relu(dense(self.hidden, name='3')(x))
+    x = nn.relu(dense(self.hidden, name='3')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return dense(self.num_classes, name='6')(x)
 
@@ -107,6 +109,7 @@ class VGG(nn.Module):
     dropout: dropout rate of the classifier in train mode (uses the 'dropout' rng).
     pool_size: AdaptiveAvgPool2d output size before the classifier.
     dtype: computation dtype (parameters stay float32; logits are float32).
+    conv_general_dilated: the convolution primitive of every conv (None: lax's).
   """
   cfg: Sequence[int | str] = CFGS['D']
   batch_norm: bool = False
@@ -115,6 +118,9 @@ class VGG(nn.Module):
   dropout: float = 0.5
   pool_size: int = 7
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None
+
+  head_path = ('classifier', '6')  # replaced when fine-tuning (drjax.weights)
 
   @property
   def stage_names(self) -> tuple[str, ...]:
@@ -124,26 +130,12 @@ class VGG(nn.Module):
   def default_cam_layer(self) -> str:
     return self.stage_names[-1]
 
-  @property
-  def head_path(self) -> tuple[str, ...]:
-    """Parameter path of the classification head (replaced when fine-tuning)."""
-    return ('classifier', '6')
-
-  @nn.nowrap
-  def make_head(self, name: str | None = None) -> nn.Dense:
-    """The classification head ('classifier/6'), as __call__ builds it."""
-    return _dense(self.num_classes, self.dtype, name=name)
-
-  @nn.nowrap
-  def init(self, *args, **kwargs):
-    """Module.init returning exactly 'params' and 'batch_stats' (see layers)."""
-    return layers.clean_init_variables(super().init(*args, **kwargs))
-
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Logits [B, num_classes] (float32) for ImageNet-normalised images [B, H, W, 3]."""
     x = jnp.asarray(x, self.dtype)
-    x = _Features(tuple(self.cfg), self.batch_norm, self.dtype, name='features')(
+    x = _Features(tuple(self.cfg), self.batch_norm, self.dtype, self.conv_general_dilated,
+                  name='features')(
         x, train, functools.partial(common.tap, self))
     x = layers.adaptive_avg_pool(x, (self.pool_size, self.pool_size))
     x = x.reshape(x.shape[0], -1)  # NHWC order; see drjax.weights for the permutation.

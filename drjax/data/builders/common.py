@@ -22,6 +22,7 @@ from typing import Any
 import tqdm
 from absl import logging
 
+from drjax import errors
 from drjax.data import images
 
 NUM_GRADES = 5
@@ -32,7 +33,7 @@ _MIN_ITEMS_FOR_PROCESSES = 100
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff', '.bmp')
 
 
-class NoUsableDataError(RuntimeError):
+class NoUsableDataError(errors.UserError, RuntimeError):
   """Raised when a split has no usable example left; the message is the skip summary."""
 
 

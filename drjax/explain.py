@@ -1,0 +1,70 @@
+"""Heatmaps of single fundus images from files, the paper's Figure 5 (scripts/explain.py)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from drjax import cam_figures, cam_study, errors, gradcam, localize
+
+IMAGE_EXTENSIONS = cam_study.IMAGE_EXTENSIONS
+
+
+def list_images(paths: Iterable[str]) -> list[pathlib.Path]:
+  out = []
+  for p in paths:
+    p = pathlib.Path(p)
+    if p.is_dir():
+      out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
+    elif p.is_file():
+      out.append(p)
+    else:
+      raise errors.UserError(f'no image or folder at {p}')
+  if not out:
+    raise errors.UserError(f'no images found in {list(paths)}')
+  return out
+
+
+def explain(model, variables, image_paths: Sequence[pathlib.Path], out_dir, *,
+            image_size: int, method: str = 'gradcam', layer: str | None = None,
+            masks_dir=None, targets=None, tolerance: float = 15,
+            btgraham: bool = False) -> dict:
+  """Figure 5 per image (fundus | heatmap | overlay), heatmaps.npz and, with masks, scores.json."""
+  from drjax.data import images as dimages
+
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  fn = gradcam.get_method(method)
+  layer_name = layer or model.default_cam_layer
+  stems, heatmaps, per_image, summary = [], {}, [], {}
+  for path in image_paths:
+    image, box, decoded = dimages.preprocess_fundus(path, image_size, btgraham=btgraham)
+    heat = np.asarray(fn(model, variables, image[None], layer=layer, targets=targets))[0]
+    probs = np.asarray(jax.nn.softmax(model.apply(
+        {k: v for k, v in variables.items() if k in ('params', 'batch_stats')},
+        gradcam.prepare_images(image[None]), train=False), -1))[0]
+    masks = (cam_study.load_masks_for(path.stem, pathlib.Path(masks_dir), box, decoded, image_size)
+             if masks_dir else None)
+    title = f'{path.stem}: grade {int(probs.argmax())} (p={probs.max():.2f}), ' \
+            f'{method} @ {layer_name}'
+    cam_figures.figure5(image, heat, str(out_dir / f'{path.stem}_{method}.png'), title=title,
+                        mask=None if masks is None else masks.any(-1))
+    heatmaps[path.stem] = heat
+    stems.append(path.stem)
+    entry = dict(predicted_grade=int(probs.argmax()), probs=probs.round(4).tolist())
+    if masks is not None:
+      entry['scores'] = localize.score_lesions(heat, masks, cam_study.LESION_TYPES, tolerance)
+      per_image.append(entry['scores'])
+    summary[path.stem] = entry
+  np.savez_compressed(out_dir / f'heatmaps_{method}.npz', **heatmaps)
+  report = dict(method=method, layer=layer_name, image_size=image_size, tolerance=tolerance,
+                images=summary)
+  if per_image:
+    report['mean'] = localize.aggregate(per_image)
+  with open(out_dir / f'scores_{method}.json', 'w') as f:
+    json.dump(report, f, indent=1, default=float)
+  return report

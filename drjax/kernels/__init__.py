@@ -1,0 +1,1 @@
+"""Opt-in compute backends for specific hardware; the models run without them."""
