@@ -20,7 +20,9 @@ if 'DRJAX_COMPILATION_CACHE' not in os.environ:
 
 import pathlib  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+from toy_model import TOY_SIZE, ToyNet  # noqa: E402
 
 # A copy of IDRiD in its official layout ("A. Segmentation", "B. Disease Grading"), read-only.
 IDRID_ENV_VAR = 'DRJAX_IDRID_DIR'
@@ -33,3 +35,18 @@ def idrid_dir() -> pathlib.Path:
   if not path or not pathlib.Path(path).is_dir():
     pytest.skip(f'no IDRiD copy: set {IDRID_ENV_VAR} to one')
   return pathlib.Path(path)
+
+
+@pytest.fixture(scope='session')
+def toy():
+  """(ToyNet, its variables with non-trivial BatchNorm statistics, 3 images of TOY_SIZE)."""
+  model = ToyNet()
+  images = jax.random.normal(jax.random.PRNGKey(1), (3, TOY_SIZE, TOY_SIZE, 3))
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
+  # Non-trivial BN statistics, so that the eval-mode BN is part of what is tested.
+  stats = variables['batch_stats']['norm']
+  variables = {
+      'params': variables['params'],
+      'batch_stats': {'norm': {'mean': stats['mean'] + 0.1, 'var': stats['var'] * 2.0}},
+  }
+  return model, variables, images
