@@ -10,15 +10,11 @@ trainable are the last block containing convolutions, conv5_1-conv5_3
 (its three linear layers, `classifier/0`, `/3`, `/6`), everything else frozen;
 the same optimizer, data and split as configs/densenet.py.
 
-Default run: the same data and schedule as configs/densenet.py (800 synthetic
-images at 64 px, batch 16, 300 steps); VGG16 costs about 5x DenseNet121's FLOPs
-per image, so on a 2-core CPU it is the slowest of the three. From a random init,
-without BatchNorm, it did not learn on this budget: at both Adam 1e-3 and 1e-4 the
-training loss stayed at chance (ln 5) and validation kappa at 0 after 100 steps, and
-so they did after the default 300 (README, "The paper's comparison": it predicts one
-grade for every image).
-It needs the ImageNet weights the paper starts from. `:paper` is EyePACS at 224 px,
-batch 256 (see configs/densenet.py).
+Default run: the same data and schedule as configs/densenet.py (800 synthetic images at
+64 px, batch 16, 300 steps); VGG16 costs about 5x DenseNet121's FLOPs per image. Without
+BatchNorm and from a random init it does not learn on this budget (its loss stays at ln 5
+and it predicts one grade): it needs the ImageNet weights the paper starts from. `:paper`
+is EyePACS at 224 px, batch 256 (see configs/densenet.py).
 """
 
 from drjax import recipe

@@ -43,8 +43,7 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
 
   # The paper's augmentations (rotation, flips, translation, grayscale, colour) are
   # ':paper''s. The default run keeps the lossless flips only: at 64 px a bilinear
-  # rotation or shift smears the 1-2 px microaneurysms and dots the grades are read
-  # from, and colour jitter slows a 300-step run from scratch (README, "The default run").
+  # rotation or shift smears the 1-2 px microaneurysms and dots the grades are read from.
   c.augment = augment.default_config()
   c.augment.update(rotation_deg=0.0, translate_frac=0.0, grayscale_prob=0.0, brightness=0.0,
                    contrast=0.0, saturation=0.0, hue=0.0)
@@ -53,9 +52,8 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
   c.optimizer = mlc.ConfigDict()
   c.optimizer.name = 'adam'  # paper: Adam, learning rate 1e-4 (constant), cross-entropy loss
   # The default run is ~300 steps on a CPU, mostly from a random init (no ImageNet
-  # weights offline): a 10x larger peak rate with warm-up and cosine decay learns
-  # there in minutes where the paper's constant 1e-4 does not (README, "The default
-  # run"). ':paper' restores 1e-4, constant.
+  # weights offline): a 10x larger peak rate with warm-up and cosine decay learns there in
+  # minutes where the paper's constant 1e-4 does not. ':paper' restores 1e-4, constant.
   c.optimizer.lr = 1e-3
   c.optimizer.schedule = 'cosine'  # or 'constant' (paper); both warm up linearly
   c.optimizer.warmup_steps = 20
