@@ -7,8 +7,8 @@
 #   benchmarks/run_gpu.sh --quick    # densenet121, batch 16
 #
 # Needs a CUDA build of jax (jax[cuda12] or jax[cuda13]) and of torch on the machine.
-# One process per benchmark, precision and model, so that a run cut short (a lent machine's
-# time running out) keeps every finished JSON: benchmarks/results/gpu/
+# One process per benchmark, precision and model, so that a run cut short keeps every finished
+# JSON: benchmarks/results/gpu/
 # bench_{train,eval}_gpu[_bf16]_MODEL.json and bench_gradcam_MODEL_gpu.json, with the card's
 # name. The two processes of a comparison share the card, one timing at a time: jax is held
 # to 45% of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION) so that PyTorch fits beside it.
