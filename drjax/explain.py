@@ -9,15 +9,18 @@ from collections.abc import Iterable, Sequence
 import jax
 import numpy as np
 
-from drjax import cam_figures, cam_study, errors, gradcam, localize
+from drjax import cam_figures, errors, gradcam, localize
+from drjax.cam_study import examples
+from drjax.data import images as dimages
 
-IMAGE_EXTENSIONS = cam_study.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = examples.IMAGE_EXTENSIONS
 
 
 def list_images(paths: Iterable[str]) -> list[pathlib.Path]:
+  """The image files named in `paths`, and those directly inside the folders named there."""
+  paths = list(paths)
   out = []
-  for p in paths:
-    p = pathlib.Path(p)
+  for p in map(pathlib.Path, paths):
     if p.is_dir():
       out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
     elif p.is_file():
@@ -25,41 +28,48 @@ def list_images(paths: Iterable[str]) -> list[pathlib.Path]:
     else:
       raise errors.UserError(f'no image or folder at {p}')
   if not out:
-    raise errors.UserError(f'no images found in {list(paths)}')
+    raise errors.UserError(f'no images found in {paths}')
   return out
+
+
+def _probs(model, variables, image: np.ndarray) -> np.ndarray:
+  """Softmax over the grades of one uint8 image `[S, S, 3]` -> `[num_classes]`."""
+  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+  logits = model.apply(variables, gradcam.prepare_images(image[None]), train=False)
+  return np.asarray(jax.nn.softmax(logits, -1))[0]
 
 
 def explain(model, variables, image_paths: Sequence[pathlib.Path], out_dir, *,
             image_size: int, method: str = 'gradcam', layer: str | None = None,
             masks_dir=None, targets=None, tolerance: float = 15,
             btgraham: bool = False) -> dict:
-  """Figure 5 per image (fundus | heatmap | overlay), heatmaps.npz and, with masks, scores.json."""
-  from drjax.data import images as dimages
+  """Figure 5 per image (fundus | heatmap | overlay), heatmaps.npz and, with masks, scores.json.
 
+  Returns:
+    what scores_<method>.json holds: per image stem its predicted grade, probabilities and
+    (with masks) `drjax.localize.score_lesions`; with masks also their 'mean'.
+  """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   fn = gradcam.get_method(method)
   layer_name = layer or model.default_cam_layer
-  stems, heatmaps, per_image, summary = [], {}, [], {}
+  heatmaps, summary, per_image = {}, {}, []
   for path in image_paths:
     image, box, decoded = dimages.preprocess_fundus(path, image_size, btgraham=btgraham)
     heat = np.asarray(fn(model, variables, image[None], layer=layer, targets=targets))[0]
-    probs = np.asarray(jax.nn.softmax(model.apply(
-        {k: v for k, v in variables.items() if k in ('params', 'batch_stats')},
-        gradcam.prepare_images(image[None]), train=False), -1))[0]
-    masks = (cam_study.load_masks_for(path.stem, pathlib.Path(masks_dir), box, decoded, image_size)
+    probs = _probs(model, variables, image)
+    masks = (examples.load_masks_for(path.stem, masks_dir, box, decoded, image_size)
              if masks_dir else None)
-    title = f'{path.stem}: grade {int(probs.argmax())} (p={probs.max():.2f}), ' \
-            f'{method} @ {layer_name}'
-    cam_figures.figure5(image, heat, str(out_dir / f'{path.stem}_{method}.png'), title=title,
+    cam_figures.figure5(image, heat, str(out_dir / f'{path.stem}_{method}.png'),
+                        title=(f'{path.stem}: grade {int(probs.argmax())} (p={probs.max():.2f}), '
+                               f'{method} @ {layer_name}'),
                         mask=None if masks is None else masks.any(-1))
     heatmaps[path.stem] = heat
-    stems.append(path.stem)
-    entry = dict(predicted_grade=int(probs.argmax()), probs=probs.round(4).tolist())
+    summary[path.stem] = dict(predicted_grade=int(probs.argmax()), probs=probs.round(4).tolist())
     if masks is not None:
-      entry['scores'] = localize.score_lesions(heat, masks, cam_study.LESION_TYPES, tolerance)
-      per_image.append(entry['scores'])
-    summary[path.stem] = entry
+      summary[path.stem]['scores'] = localize.score_lesions(heat, masks, examples.LESION_TYPES,
+                                                            tolerance)
+      per_image.append(summary[path.stem]['scores'])
   np.savez_compressed(out_dir / f'heatmaps_{method}.npz', **heatmaps)
   report = dict(method=method, layer=layer_name, image_size=image_size, tolerance=tolerance,
                 images=summary)

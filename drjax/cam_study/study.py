@@ -1,0 +1,167 @@
+"""One model's part of the study: heatmaps of every method at every stage, their scores
+against the lesion masks, the area argument and mask-free faithfulness."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from drjax import gradcam, localize
+from drjax import mesh as mesh_lib
+from drjax.cam_study.examples import LESION_TYPES, Example
+from drjax.models import common
+
+DEFAULT_METHODS = ('gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam')
+FUSION = 'fusion'
+PAPER_SIZE = 224  # the paper's input size (its 7x7 denseblock4 map)
+
+
+def study_layers(model) -> tuple[str, ...]:
+  """DenseNet denseblock2/3/4, ResNet layer2/3/4, VGG block3/4/5 (fine to coarse)."""
+  return gradcam.default_fusion_layers(model)
+
+
+def layer_shapes(model, variables, image_size: int, layers: Sequence[str]) -> dict[str, tuple]:
+  """Spatial size (h, w) of each stage at `image_size` (shape inference only)."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+  _, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=False,
+                                                     mutable=['intermediates']), variables, x)
+  return {n: tuple(state['intermediates'][n][0].shape[1:3]) for n in layers}
+
+
+def area_table(examples: Sequence[Example], shapes: dict[str, tuple]) -> dict[str, dict]:
+  """Per lesion type: median total area and median single-lesion area, as fractions of the
+  image and of one heatmap cell at each stage (cell = 1 / (h * w) of the image)."""
+  out = {}
+  for t in LESION_TYPES:
+    totals = [e.area_fraction[t] for e in examples if e.area_fraction and e.area_fraction[t] > 0]
+    comps = [c for e in examples if e.component_fractions for c in e.component_fractions[t]]
+    row = dict(images=len(totals), lesions=len(comps),
+               total_fraction=float(np.median(totals)) if totals else float('nan'),
+               lesion_fraction=float(np.median(comps)) if comps else float('nan'))
+    for layer, (h, w) in shapes.items():
+      cell = 1.0 / (h * w)
+      row[f'cell_{layer}'] = cell
+      row[f'lesion_per_cell_{layer}'] = row['lesion_fraction'] / cell
+    out[t] = row
+  return out
+
+
+def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequence[str],
+                     methods: Sequence[str] = DEFAULT_METHODS, *, targets=None,
+                     fusion: bool = True, pixel_methods: Sequence[str] = ('gradients',),
+                     batch_size: int = 8) -> dict[str, np.ndarray]:
+  """'method@layer' -> heatmaps `[N, S, S]` in [0, 1], one core pass for all stages.
+
+  The gradient CAMs of all `layers` come from one forward/backward pass per batch
+  (`drjax.gradcam.activations_and_grads` with several layers). Score-CAM, if asked
+  for, runs separately per layer. `fusion` adds LayerCAM fusion of the layers
+  ('fusion@' + '+'.join(layers)); `pixel_methods` adds input-level attributions
+  ('gradients@input').
+
+  Each batch is split over this process's devices, the variables copied to each device once.
+  """
+  mesh = mesh_lib.make_mesh(jax.local_devices())
+  variables = mesh_lib.replicate(variables, mesh)
+  out: dict[str, list] = {}
+  for i in range(0, len(images_uint8), batch_size):
+    batch = images_uint8[i:i + batch_size]
+    x = mesh_lib.shard_padded(batch, mesh)
+    t = (targets if targets is None or callable(targets)
+         else mesh_lib.shard_padded(np.asarray(targets)[i:i + batch_size], mesh))
+    maps = _batch_maps(model, variables, x, t, layers=tuple(layers), methods=tuple(methods),
+                       fusion=fusion, pixel_methods=tuple(pixel_methods))
+    for key, cam in maps.items():
+      out.setdefault(key, []).append(np.asarray(cam)[:len(batch)])  # drop the padding
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _batch_maps(model, variables, x, targets, *, layers, methods, fusion, pixel_methods):
+  """`compute_heatmaps` of one (padded, sharded) batch, keys in the order of the report."""
+  core = gradcam.activations_and_grads(model, variables, x, layer=layers, targets=targets)
+  maps = _gradient_maps(core['acts'], core['grads'], layers=layers, size=tuple(x.shape[1:3]),
+                        methods=tuple(m for m in methods if m != 'scorecam'), fusion=fusion)
+  out = {}
+  for m in methods:
+    for layer in layers:
+      key = f'{m}@{layer}'
+      out[key] = (gradcam.scorecam(model, variables, x, layer=layer, targets=targets)
+                  if m == 'scorecam' else maps[key])
+  if fusion:
+    key = f'{FUSION}@{"+".join(layers)}'
+    out[key] = maps[key]
+  for m in pixel_methods:
+    out[f'{m}@input'] = gradcam.get_method(m)(model, variables, x, targets=targets)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('methods', 'layers', 'size', 'fusion'))
+def _gradient_maps(acts, grads, *, methods, layers, size, fusion):
+  """Every gradient method's post-processed maps at every layer, and their fusion, as one
+  compiled program rather than a chain of small eager ops per map."""
+  maps = {f'{m}@{layer}': gradcam.postprocess(gradcam.CAM_MAPS[m](acts[layer], grads[layer]),
+                                              size)
+          for m in methods for layer in layers}
+  if fusion:
+    fused = gradcam.layercam_fusion(acts, grads, size)
+    maps[f'{FUSION}@{"+".join(layers)}'] = gradcam.normalize(fused)
+  return maps
+
+
+def score_heatmaps(heatmaps: dict[str, np.ndarray], examples: Sequence[Example],
+                   tolerance: float) -> dict[str, dict[str, dict[str, float]]]:
+  """'method@layer' -> lesion type -> mean scores (drjax.localize.aggregate)."""
+  return {key: localize.aggregate([localize.score_lesions(maps[i], e.masks, LESION_TYPES,
+                                                          tolerance)
+                                   for i, e in enumerate(examples)])
+          for key, maps in heatmaps.items()}
+
+
+def faithfulness(model, variables, examples: Sequence[Example], heatmaps: dict[str, np.ndarray],
+                 num_images: int = 4, steps: int = 8) -> dict[str, dict[str, float]]:
+  """Mean deletion/insertion AUCs (probability of the predicted grade) per 'method@layer'."""
+  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+  apply = jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x, train=False), -1))
+  out = {}
+  for key, maps in heatmaps.items():
+    dels, ins = [], []
+    for i, e in enumerate(examples[:num_images]):
+      x = np.asarray(common.normalize(e.image[None]))[0]
+      cls = int(np.argmax(apply(x[None])[0]))
+      res = localize.deletion_insertion(lambda b, c=cls: np.asarray(apply(b))[:, c], x, maps[i],
+                                        steps=steps, batch_size=2 * steps + 2)
+      dels.append(res['deletion_auc'])
+      ins.append(res['insertion_auc'])
+    out[key] = dict(deletion_auc=float(np.mean(dels)), insertion_auc=float(np.mean(ins)))
+  return out
+
+
+def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
+              methods: Sequence[str] = DEFAULT_METHODS, layers: Sequence[str] | None = None,
+              tolerance: float = 15, faithfulness_images: int = 4,
+              model_info: dict | None = None) -> dict:
+  """Heatmaps, localisation scores, area argument and faithfulness of one model.
+
+  Returns:
+    dict(result=the JSON-able numbers `drjax.cam_study.report` writes up,
+    heatmaps='method@layer' -> `[N, S, S]`).
+  """
+  layers = tuple(layers or study_layers(model))
+  images = np.stack([e.image for e in examples])
+  size = images.shape[1]
+  heatmaps = compute_heatmaps(model, variables, images, layers, methods)
+  shapes = layer_shapes(model, variables, size, layers)
+  paper_shapes = layer_shapes(model, variables, PAPER_SIZE, layers)
+  result = dict(
+      arch=arch or type(model).__name__, image_size=size, num_images=len(examples),
+      layers=list(layers), layer_shapes={k: list(v) for k, v in shapes.items()},
+      paper_layer_shapes={k: list(v) for k, v in paper_shapes.items()},
+      default_layer=model.default_cam_layer, tolerance=tolerance, methods=list(methods),
+      scores=score_heatmaps(heatmaps, examples, tolerance),
+      areas=area_table(examples, shapes), model_info=model_info or {},
+      faithfulness=(faithfulness(model, variables, examples, heatmaps, faithfulness_images)
+                    if faithfulness_images else {}))
+  return dict(result=result, heatmaps=heatmaps)
