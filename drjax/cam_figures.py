@@ -1,20 +1,27 @@
-"""Heatmap figures: the paper's Figure 5 (fundus | heatmap | overlay), panels and grids."""
+"""Heatmap figures: the paper's Figure 5 (fundus | heatmap | overlay), panels and grids.
+
+`grid` is the one writer; `figure5` and `save_panel` are layouts of it.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 
+import jax
 import matplotlib
+import numpy as np
 
-matplotlib.use('Agg')  # Files only; no display on the training machines.
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# A bare Figure (no pyplot) renders with the Agg canvas: no global backend switch, no
+# display needed, and figures are freed with their last reference.
+from matplotlib.figure import Figure
+
+from drjax import gradcam, localize
 
 
 def colorize(heatmap: np.ndarray, cmap: str = 'jet') -> np.ndarray:
   """`[H, W]` in [0, 1] -> uint8 RGB `[H, W, 3]`."""
-  rgb = plt.get_cmap(cmap)(np.clip(np.asarray(heatmap, np.float32), 0, 1))[..., :3]
+  rgb = matplotlib.colormaps[cmap](np.clip(np.asarray(heatmap, np.float32), 0, 1))[..., :3]
   return (rgb * 255).round().astype(np.uint8)
 
 
@@ -33,14 +40,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5,
   image = np.asarray(image)
   heatmap = np.asarray(heatmap, np.float32)
   if heatmap.shape != image.shape[:2]:
-    from drjax import localize
     heatmap = localize.resize_heatmap(heatmap, image.shape[:2])
   blended = alpha * colorize(heatmap, cmap) + (1 - alpha) * image.astype(np.float32)
   return np.clip(blended, 0, 255).round().astype(np.uint8)
-
-
-def _mkdir_for(path):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
 def figure5(image: np.ndarray, heatmap: np.ndarray, path: str, title: str | None = None,
@@ -61,44 +63,45 @@ def grid(images: Sequence[np.ndarray], columns: Mapping[str, Sequence[np.ndarray
     path: output PNG.
     row_titles: optional label per row (left of the fundus).
     masks: optional `[H, W]` lesion masks per row, outlined in white on each overlay.
-    show_heatmap: with a single column, also show the bare heatmap (Figure 5 layout).
+    show_heatmap: also show each bare heatmap before its overlay (the Figure 5 layout).
+    cell_inches: side of one cell.
     title: optional figure title.
   """
   names = list(columns)
-  ncols = 1 + len(names) + (1 if show_heatmap else 0)
-  fig, axes = plt.subplots(len(images), ncols, figsize=(cell_inches * ncols,
-                                                         cell_inches * len(images)),
-                           squeeze=False)
+  headers = ['fundus'] + [h for n in names for h in ((n, 'overlay') if show_heatmap else (n,))]
+  fig = Figure(figsize=(cell_inches * len(headers), cell_inches * len(images)))
+  axes = fig.subplots(len(images), len(headers), squeeze=False)
   for r, image in enumerate(images):
-    axes[r, 0].imshow(image)
-    if r == 0:
-      axes[r, 0].set_title('fundus', fontsize=9)
-    if row_titles:
-      axes[r, 0].set_ylabel(row_titles[r], fontsize=8)
-    c = 1
-    for name in names:
-      heat = np.asarray(columns[name][r], np.float32)
-      if show_heatmap:
-        axes[r, c].imshow(heat, cmap='jet', vmin=0, vmax=1)
-        if r == 0:
-          axes[r, c].set_title(f'{name}', fontsize=9)
-        c += 1
-      axes[r, c].imshow(overlay(image, heat))
-      if masks is not None and masks[r] is not None and np.any(masks[r]):
-        axes[r, c].contour(np.asarray(masks[r], np.float32), levels=[0.5], colors='white',
-                           linewidths=0.6)
-      if r == 0:
-        axes[r, c].set_title('overlay' if show_heatmap else name, fontsize=9)
-      c += 1
+    _draw_row(axes[r], image, [columns[n][r] for n in names],
+              None if masks is None else masks[r], show_heatmap)
+  for ax, header in zip(axes[0], headers, strict=True):
+    ax.set_title(header, fontsize=9)
+  if row_titles:
+    for ax, row_title in zip(axes[:, 0], row_titles, strict=True):
+      ax.set_ylabel(row_title, fontsize=8)
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  _mkdir_for(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
-  plt.close(fig)
+
+
+def _draw_row(axes, image: np.ndarray, heatmaps: Sequence[np.ndarray], mask: np.ndarray | None,
+              show_heatmap: bool) -> None:
+  """The fundus, then per heatmap (the bare heatmap and) its overlay with the mask outlined."""
+  axes[0].imshow(image)
+  cells = iter(axes[1:])
+  for heat in heatmaps:
+    heat = np.asarray(heat, np.float32)
+    if show_heatmap:
+      next(cells).imshow(heat, cmap='jet', vmin=0, vmax=1)
+    ax = next(cells)
+    ax.imshow(overlay(image, heat))
+    if mask is not None and np.any(mask):
+      ax.contour(np.asarray(mask, np.float32), levels=[0.5], colors='white', linewidths=0.6)
 
 
 def save_panel(model, variables, images_uint8, path: str, *, method: str = 'gradcam',
@@ -121,10 +124,6 @@ def save_panel(model, variables, images_uint8, path: str, *, method: str = 'grad
   Returns:
     the heatmaps, float32 `[N, H, W]` in [0, 1].
   """
-  import jax
-
-  from drjax import gradcam
-
   images_uint8 = np.asarray(images_uint8)
   fn = gradcam.get_method(method)
   heatmaps = np.asarray(fn(model, variables, images_uint8, layer=layer, targets=targets,
