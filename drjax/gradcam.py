@@ -1,14 +1,26 @@
-"""Grad-CAM and its family as pure JAX functions of (model, variables, images).
+"""Grad-CAM and its family as pure JAX functions of (model, variables, images), for any Flax model.
 
-One core, `activations_and_grads`, runs the model once with a zero
-'perturbations' entry added at the chosen stage (`drjax.models.common.tap`) and
-returns that stage's activations and the gradient of the target with respect to
-them, from `jax.vjp` on the perturbation alone. Nothing is differentiated with
-respect to the parameters or the input, so XLA never builds the backward pass of
-the trunk below the chosen layer: Grad-CAM at DenseNet's denseblock4 costs about
-one forward pass (checked with XLA's cost analysis in tests/test_gradcam.py).
-There are no hooks and no mutable state; everything is jit-compatible; each image
-has its own target (vmapped over the logits).
+One core, `activations_and_grads`, runs the model once with a zero perturbation
+added to the chosen layer's output and returns that layer's activations and the
+gradient of the target with respect to them, from `jax.vjp` on the perturbation
+alone. Nothing is differentiated with respect to the parameters or the input, so
+XLA never builds the backward pass of the trunk below the chosen layer: Grad-CAM
+at DenseNet's denseblock4 costs about one forward pass (checked with XLA's cost
+analysis in tests/test_gradcam.py). There are no hooks and no mutable state;
+everything is jit-compatible; each image has its own target (vmapped over the logits).
+
+A layer is named in one of three ways, the first that applies winning:
+- a drjax model's stage name (`model.stage_names`: 'denseblock4', 'layer4'), reached
+  through its taps (`drjax.models.common.tap`);
+- for any flax.linen Module, a '/'-joined path of submodule names as in the variables
+  tree ('backbone/Block_1'): that submodule's `__call__` is intercepted with
+  `nn.intercept_methods` (matched by its scope path) to add the perturbation;
+- for a flax.nnx Module (passed with `variables=None`), an attribute path ('stage2',
+  'blocks/1'): the module is split outside, and inside the traced function a fresh
+  copy is merged, put in eval mode, and the submodule at the path is replaced by a
+  function that adds the perturbation. The module passed in is never mutated.
+`layer_names` lists the valid names. Layers with token outputs `[B, N, C]` (ViT, Swin)
+take a `reshape` to a `[B, h, w, C]` grid, such as `vit_reshape(num_prefix_tokens=1)`.
 
 Each CAM method is a few lines that turn `(acts, grads)` into a map, citing its
 paper; post-processing (ReLU, bilinear resize, per-image min-max) is separate
@@ -19,7 +31,10 @@ Conventions: images are float32 `[B, H, W, 3]` ImageNet-normalised (uint8
 images are normalised with `drjax.models.common.normalize`); maps are
 channels-last `[B, h, w]`; targets are `None` (the predicted class), an int
 array `[B]` (a class per image) or a callable `logits [K] -> scalar` applied to
-each image's logits (e.g. `referable_dr_target`).
+each image's logits (e.g. `referable_dr_target`). The model must map each image
+independently (inference mode: BatchNorm on running statistics, no dropout);
+`apply_kwargs` (e.g. `{'train': False}`) are passed to `model.apply` (linen) or to
+the module's call (nnx).
 
 The computation follows its inputs' placement, as `jax.jit` does: images sharded on
 the batch axis over several devices, with the variables replicated, split the batch
@@ -28,7 +43,9 @@ over them (`drjax.cam_study.compute_heatmaps` does so).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +53,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from flax import nnx
 
 from drjax.models import common
 
@@ -108,20 +127,24 @@ def _predicted(logits: Array, cls: Array) -> Array:
 
 
 def stage_names(model) -> tuple[str, ...]:
+  """A drjax model's tapped stages (`model.stage_names`); () for other models."""
   return tuple(getattr(model, 'stage_names', ()))
 
 
 def resolve_layers(model, layer: str | Sequence[str] | None) -> tuple[str, ...]:
-  """Validates layer name(s); None -> the model's default CAM layer."""
+  """Layer name(s) as a tuple; None -> `model.default_cam_layer`.
+
+  The names themselves are checked against the model when the core is traced (an
+  unknown one is a ValueError listing `layer_names`).
+  """
   if layer is None:
-    layer = model.default_cam_layer
-  layers = (layer,) if isinstance(layer, str) else tuple(layer)
-  valid = stage_names(model)
-  for name in layers:
-    if name not in valid:
-      raise ValueError(f'Unknown layer {name!r} for {type(model).__name__}; valid layers '
-                       f'(model.stage_names): {", ".join(valid)}')
-  return layers
+    layer = getattr(model, 'default_cam_layer', None)
+    if layer is None:
+      raise ValueError(
+          f'layer=None needs {type(model).__name__}.default_cam_layer, which it does not '
+          f'have: pass layer=, a "/"-joined submodule path such as "backbone/Block_1" '
+          f'(gradcam.layer_names(model, variables, images) lists them)')
+  return (layer,) if isinstance(layer, str) else tuple(layer)
 
 
 def prepare_images(images, image_size: int | Sequence[int] | None = None) -> Array:
@@ -157,35 +180,259 @@ def _clean(variables) -> dict:
   return {k: v for k, v in variables.items() if k not in ('perturbations', 'intermediates')}
 
 
+def _pure_model(model, variables) -> tuple[Any, Any]:
+  """-> (a hashable model, its variables): an nnx Module becomes (GraphDef, State)."""
+  if isinstance(model, nnx.Module):
+    if variables is not None:
+      raise ValueError(f'{type(model).__name__} is an nnx Module, which holds its own '
+                       f'variables: pass variables=None')
+    return nnx.split(model)
+  if variables is None:
+    raise ValueError(f'variables=None is for nnx Modules; {type(model).__name__} needs its '
+                     f'variables (e.g. {{"params": ...}})')
+  return model, _clean(variables)
+
+
+def _static_kwargs(apply_kwargs: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+  """`apply_kwargs` as sorted items: static (hashed) arguments of the compiled programs."""
+  items = tuple(sorted((apply_kwargs or {}).items()))
+  try:
+    hash(items)
+  except TypeError as e:
+    raise TypeError(f'apply_kwargs must hold hashable flags such as train=False (they are '
+                    f'compiled in); got {apply_kwargs!r}') from e
+  return items
+
+
+# ----------------------------------------------------------------------------
+# Layers: any model's forward pass with a zero perturbation at the chosen layers.
+
+# The collection, and the name in it, where intercepted submodules leave their outputs: sown
+# rather than kept in a Python dict, so that flax carries them out of lifted transforms
+# (nn.remat), and apart from the model's own 'intermediates'. `sow` reserves the name in the
+# submodule's scope, so it must not be one that a child could have.
+_SOWN, _SOWN_KEY = 'gradcam_outputs', '__call__'
+
+
+def _forward(model, variables, images, deltas: dict[str, Array | None], *, apply_kwargs):
+  """Runs the model with `deltas[name]` added to layer `name`'s output (None: only captured).
+
+  Returns:
+    (logits `[B, K]`, {name: that layer's output, perturbation included}); a name that
+    the forward pass never reached is absent.
+  """
+  if isinstance(model, nnx.GraphDef):
+    return _nnx_forward(model, variables, images, deltas, dict(apply_kwargs))
+  return _linen_forward(model, variables, images, deltas, dict(apply_kwargs))
+
+
+def _linen_forward(model, variables, images, deltas, kwargs):
+  # drjax stage names win over submodule paths (ResNet's 'layer4' is both, the same tensor).
+  taps = {n: d for n, d in deltas.items() if n in stage_names(model)}
+  paths = {tuple(n.split('/')): d for n, d in deltas.items() if n not in taps}
+  variables = {**variables, 'perturbations': {n: d for n, d in taps.items() if d is not None}}
+  mutable = [_SOWN] + (['intermediates'] if taps else [])
+  with nn.intercept_methods(functools.partial(_perturb_call, paths)):
+    logits, state = model.apply(variables, images, mutable=mutable, **kwargs)
+  acts = {n: state['intermediates'][n][0] for n in taps}
+  for path in paths:
+    sown = functools.reduce(lambda tree, k: tree.get(k, {}), path, state.get(_SOWN, {}))
+    if _SOWN_KEY in sown:
+      acts['/'.join(path)] = _single_call('/'.join(path), sown[_SOWN_KEY])
+  return logits, acts
+
+
+def _perturb_call(paths, next_fun, args, kwargs, context):
+  """A linen method interceptor: adds the delta to the chosen submodules' `__call__` output."""
+  out = next_fun(*args, **kwargs)
+  path = tuple(context.module.path) if context.method_name == '__call__' else None
+  if path in paths:
+    out = out if paths[path] is None else out + paths[path]
+    context.module.sow(_SOWN, _SOWN_KEY, out)
+  return out
+
+
+def _single_call(name: str, outputs: tuple):
+  if len(outputs) > 1:
+    raise ValueError(f'Layer {name!r} is called {len(outputs)} times in one forward pass; '
+                     f'Grad-CAM needs a single output: choose a submodule that runs once')
+  return outputs[0]
+
+
+def _nnx_forward(graphdef, state, images, deltas, kwargs):
+  module = nnx.merge(graphdef, state)
+  # A fresh copy, so that this changes nothing outside: BatchNorm on running statistics and
+  # no dropout make each image's map its own.
+  module.eval()
+  captured = {}
+  for name, delta in deltas.items():
+    *parents, last = name.split('/')
+    parent = functools.reduce(_child, parents, module)
+    child = _child(parent, last)
+    if isinstance(child, nnx.Module):   # unknown paths are reported by the caller
+      _set_child(parent, last, functools.partial(_call_perturbed, child, name, delta, captured))
+  logits = module(images, **kwargs)
+  return logits, {n: _single_call(n, tuple(outs)) for n, outs in captured.items()}
+
+
+def _call_perturbed(child, name, delta, captured, *args, **kwargs):
+  out = child(*args, **kwargs)
+  out = out if delta is None else out + delta
+  captured.setdefault(name, []).append(out)
+  return out
+
+
+def _child(node, key: str):
+  """`node`'s attribute `key`, or item `int(key)` of an nnx.List; None if there is none."""
+  if isinstance(node, (nnx.List, list)):
+    return node[int(key)] if key.isdigit() and int(key) < len(node) else None
+  return getattr(node, key, None)
+
+
+def _set_child(node, key: str, value) -> None:
+  if isinstance(node, (nnx.List, list)):
+    node[int(key)] = value
+  else:
+    setattr(node, key, value)
+
+
+def layer_names(model, variables, images, *, apply_kwargs: dict[str, Any] | None = None
+                ) -> tuple[str, ...]:
+  """Every name that `layer` accepts: the stage names, then the submodule paths.
+
+  Args:
+    model: a flax.linen Module (with its `variables`) or an nnx Module (`variables=None`).
+    variables: the linen model's variables; None for an nnx Module.
+    images: `[B, H, W, 3]` (only the shape is used: a linen model's submodules are
+      found by tracing one forward pass, without computing it).
+    apply_kwargs: keyword arguments of the forward pass, e.g. `{'train': False}`.
+
+  Returns:
+    drjax stage names (`model.stage_names`), then '/'-joined submodule paths, in call
+    order for linen and in `nnx.iter_modules` order for nnx.
+  """
+  names = stage_names(model)
+  model, variables = _pure_model(model, variables)
+  return names + _submodule_paths(model, variables, images, _static_kwargs(apply_kwargs))
+
+
+def _submodule_paths(model, variables, images, apply_kwargs) -> tuple[str, ...]:
+  if isinstance(model, nnx.GraphDef):
+    modules = nnx.iter_modules(nnx.merge(model, variables))
+    return tuple('/'.join(map(str, path)) for path, _ in modules if path)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and context.module.path:
+      seen.setdefault('/'.join(context.module.path))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: model.apply(v, x, **dict(apply_kwargs)), variables,
+                   jax.ShapeDtypeStruct(images.shape, images.dtype))
+  return tuple(seen)
+
+
+def _layer_shapes(model, variables, images, layers, apply_kwargs, reshape) -> dict[str, Any]:
+  """Each layer's output shape, from a trace of one forward pass, checked for the CAMs."""
+  shapes = jax.eval_shape(
+      lambda v, x: _forward(model, v, x, dict.fromkeys(layers), apply_kwargs=apply_kwargs)[1],
+      variables, images)
+  for name in layers:
+    if name not in shapes:
+      _raise_unreached(name, model, variables, images, apply_kwargs)
+    _check_grid(name, shapes[name], reshape)
+  return shapes
+
+
+def _raise_unreached(name, model, variables, images, apply_kwargs):
+  """The error for a layer whose output the forward pass did not give: why, and what is valid."""
+  model_name = type(nnx.merge(model, variables) if isinstance(model, nnx.GraphDef)
+                    else model).__name__
+  valid = _submodule_paths(model, variables, images, apply_kwargs)
+  if name in valid:
+    raise ValueError(f'Layer {name!r} of {model_name} is a submodule whose output cannot be '
+                     f'reached: it is not called in the forward pass, or it runs inside a '
+                     f'transform that does not carry it out (nn.scan, nn.vmap); choose a '
+                     f'layer outside it')
+  stages = (f'stage names (model.stage_names): {", ".join(stage_names(model))}; '
+            if stage_names(model) else '')
+  raise ValueError(f'Unknown layer {name!r} for {model_name}: neither a stage name nor a '
+                   f'submodule called in its forward pass; valid layers: {stages}'
+                   f'submodule paths: {", ".join(valid)}')
+
+
+def _check_grid(name: str, out, reshape) -> None:
+  """Raises unless the layer's output, reshaped if asked, is one `[B, h, w, C]` array."""
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise ValueError(f'Layer {name!r} returns {jax.tree.map(lambda s: s.shape, out)}, not one '
+                     f'array; choose a submodule that returns its activations alone')
+  grid = out if reshape is None else jax.eval_shape(reshape, out)
+  if getattr(grid, 'ndim', 0) == 4 and grid.shape[0] == out.shape[0]:
+    return
+  if reshape is None:
+    raise ValueError(f'Layer {name!r} outputs shape {tuple(out.shape)}; the CAM methods need '
+                     f'[B, h, w, C]: pass reshape=, e.g. reshape=gradcam.vit_reshape('
+                     f'num_prefix_tokens=1) for ViT tokens [B, 1 + h*w, C]')
+  raise ValueError(f'reshape turned layer {name!r} output {tuple(out.shape)} into '
+                   f'{getattr(grid, "shape", grid)}; it must return [B, h, w, C]')
+
+
+def reshape_tokens(tokens: Array, num_prefix_tokens: int = 1) -> Array:
+  """Transformer tokens `[B, P + h*w, C]` -> a square grid `[B, h, w, C]`, prefix dropped.
+
+  As pytorch-grad-cam's `reshape_transform` for ViT (P = 1, the class token) and Swin
+  (P = 0); the patch tokens are taken in row-major order.
+  """
+  if tokens.ndim != 3:
+    raise ValueError(f'reshape_tokens expects tokens [B, N, C]; got shape {tokens.shape}')
+  batch, n, channels = tokens.shape
+  side = math.isqrt(n - num_prefix_tokens)
+  if side * side != n - num_prefix_tokens:
+    raise ValueError(f'{n} tokens less {num_prefix_tokens} prefix token(s) do not form a '
+                     f'square grid; pass your own reshape for this layer')
+  return tokens[:, num_prefix_tokens:].reshape(batch, side, side, channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenGrid:
+  """`reshape_tokens` with a fixed prefix; hashable by value, so that it compiles once."""
+  num_prefix_tokens: int
+
+  def __call__(self, tokens: Array) -> Array:
+    return reshape_tokens(tokens, self.num_prefix_tokens)
+
+
+def vit_reshape(num_prefix_tokens: int = 1) -> Callable[[Array], Array]:
+  """A `reshape` for ViT-style layers: `[B, P + h*w, C]` -> `[B, h, w, C]` (`reshape_tokens`).
+
+  Args:
+    num_prefix_tokens: tokens before the patches (1: the class token; 0 for Swin).
+  """
+  return _TokenGrid(num_prefix_tokens)
+
+
+def _grid(tree: dict[str, Array], reshape) -> dict[str, Array]:
+  return tree if reshape is None else {n: reshape(x) for n, x in tree.items()}
+
+
 # ----------------------------------------------------------------------------
 # The core.
 
 
-def _zero_perturbations(model, variables, image_shape) -> dict:
-  """Zeros for every tap of images of `image_shape` (flax requires all of them)."""
-  shapes = jax.eval_shape(
-      lambda x: model.apply(variables, x, train=False, mutable=['perturbations'])[1],
-      jax.ShapeDtypeStruct(image_shape, jnp.float32))['perturbations']
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+@functools.partial(jax.jit, static_argnames=('model', 'layers', 'target_fn', 'apply_kwargs',
+                                             'reshape'))
+def _acts_and_grads(model, variables, images, cls, *, layers, target_fn, apply_kwargs=(),
+                    reshape=None):
+  shapes = _layer_shapes(model, variables, images, layers, apply_kwargs, reshape)
+  zeros = {n: jnp.zeros(shapes[n].shape, shapes[n].dtype) for n in layers}
 
-
-@functools.partial(jax.jit, static_argnames=('model', 'layers', 'target_fn'))
-def _acts_and_grads(model, variables, images, cls, *, layers, target_fn):
-  zeros = _zero_perturbations(model, variables, images.shape)
-  missing = [n for n in layers if n not in zeros]
-  if missing:
-    raise ValueError(f'{type(model).__name__} does not tap {missing} in model.apply; taps: '
-                     f'{sorted(zeros)}')
-
-  def forward(chosen):
-    perturbations = {**zeros, **chosen}
-    logits, state = model.apply({**variables, 'perturbations': perturbations}, images,
-                                train=False, mutable=['intermediates'])
-    return logits, {n: state['intermediates'][n][0] for n in layers}
+  def forward(deltas):
+    return _forward(model, variables, images, deltas, apply_kwargs=apply_kwargs)
 
   # Differentiate w.r.t. the perturbations of the chosen layers only: the trunk
   # below them is a constant of this vjp, so no backward pass is built for it.
-  logits, vjp_fn, acts = jax.vjp(forward, {n: zeros[n] for n in layers}, has_aux=True)
+  logits, vjp_fn, acts = jax.vjp(forward, zeros, has_aux=True)
   # Per-example targets, vmapped over the logits. In inference mode (BatchNorm on
   # running statistics) image i's logits depend on image i alone, so pulling the
   # per-example cotangents back through the batched forward pass gives each
@@ -194,6 +441,7 @@ def _acts_and_grads(model, variables, images, cls, *, layers, target_fn):
   cls = jax.vmap(_predicted)(logits, cls)
   scores, dscores = jax.vmap(jax.value_and_grad(target_fn))(logits, cls)
   (grads,) = vjp_fn(dscores)
+  acts, grads = _grid(acts, reshape), _grid(grads, reshape)
   is_zero = {n: jnp.all(grads[n] == 0, axis=(1, 2, 3)) for n in layers}
   return acts, grads, logits, scores, is_zero
 
@@ -221,28 +469,44 @@ def _warn_if_zero(is_zero, layer):
 
 def activations_and_grads(model, variables, images, *, layer: str | Sequence[str] | None = None,
                           targets: Targets = None,
-                          image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
-  """The shared core: a stage's activations and the target's gradient w.r.t. them.
+                          image_size: int | Sequence[int] | None = None,
+                          apply_kwargs: dict[str, Any] | None = None,
+                          reshape: Callable[[Array], Array] | None = None) -> dict[str, Any]:
+  """The shared core: a layer's activations and the target's gradient w.r.t. them.
 
   Args:
-    model: a drjax linen model with `stage_names`, `default_cam_layer` and taps.
-    variables: its variables (`params`, `batch_stats`).
+    model: a flax.linen Module, or an nnx Module (then `variables=None`).
+    variables: the linen model's variables (`params`, `batch_stats`, ...); None for nnx.
     images: `[B, H, W, 3]`, uint8 or float32 ImageNet-normalised.
-    layer: a stage name, a sequence of them (all from one pass), or None for
-      `model.default_cam_layer`.
+    layer: a drjax stage name or a '/'-joined submodule path ('backbone/Block_1'), a
+      sequence of them (all from one pass), or None for `model.default_cam_layer`.
+      Stage names win over submodule paths of the same name; `layer_names` lists both.
     targets: None (predicted class), int array `[B]`, or callable on logits `[K]`.
     image_size: if set and different from the images', resize the images to it first.
+    apply_kwargs: hashable keyword arguments of the forward pass (`model.apply` for
+      linen, the module's call for nnx), e.g. `{'train': False}`.
+    reshape: maps a layer's output to `[B, h, w, C]` (e.g. `vit_reshape(1)` for ViT
+      tokens); applied to the activations and to their gradients alike. It is a static
+      argument: reuse one callable (or `vit_reshape`'s, equal by value) to compile once.
 
   Returns:
     dict(acts={layer: [B, h, w, C]}, grads={layer: [B, h, w, C]}, logits=[B, K],
     scores=[B] (target values)).
   """
-  layers = resolve_layers(model, layer)
+  model, variables, layers, apply_kwargs = _model_inputs(model, variables, layer, apply_kwargs)
   images, target_fn, cls = _core_inputs(images, targets, image_size)
   acts, grads, logits, scores, is_zero = _acts_and_grads(
-      model, _clean(variables), images, cls, layers=layers, target_fn=target_fn)
+      model, variables, images, cls, layers=layers, target_fn=target_fn,
+      apply_kwargs=apply_kwargs, reshape=reshape)
   _warn_zero_grads(is_zero)
   return dict(acts=acts, grads=grads, logits=logits, scores=scores)
+
+
+def _model_inputs(model, variables, layer, apply_kwargs):
+  """-> (model, variables, layers, apply_kwargs) as the compiled programs take them."""
+  layers = resolve_layers(model, layer)
+  model, variables = _pure_model(model, variables)
+  return model, variables, layers, _static_kwargs(apply_kwargs)
 
 
 def _core_inputs(images, targets, image_size=None):
@@ -327,15 +591,18 @@ def postprocess(maps: Array, size: Sequence[int] | None = None, *, relu: bool = 
 # The public methods: one plain function each, same signature.
 
 
-def _gradient_cam(map_fn, model, variables, images, layer, targets, raw, image_size):
+def _gradient_cam(map_fn, model, variables, images, layer, targets, raw, image_size,
+                  apply_kwargs, reshape):
   size = tuple(images.shape[-3:-1])
-  (name,) = resolve_layers(model, layer)
+  model, variables, layers, apply_kwargs = _model_inputs(model, variables, layer, apply_kwargs)
+  (name,) = layers
   images, target_fn, cls = _core_inputs(images, targets, image_size)
   # The core program is shared by every method at this layer (one compile), the map and its
   # post-processing are one small program, and the warning reads its flag last, so that
   # nothing waits for the core before the map is dispatched.
-  acts, grads, _, _, is_zero = _acts_and_grads(model, _clean(variables), images, cls,
-                                               layers=(name,), target_fn=target_fn)
+  acts, grads, _, _, is_zero = _acts_and_grads(model, variables, images, cls, layers=layers,
+                                               target_fn=target_fn, apply_kwargs=apply_kwargs,
+                                               reshape=reshape)
   cam = _map_program(map_fn, acts[name], grads[name], size=None if raw else size)
   _warn_zero_grads(is_zero)
   return cam
@@ -348,75 +615,88 @@ def _map_program(map_fn, acts, grads, *, size):
   return cam if size is None else postprocess(cam, size)
 
 
-def gradcam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None):
+def gradcam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
+            apply_kwargs=None, reshape=None):
   """Grad-CAM heatmaps (Selvaraju et al. 2017).
 
   Args:
-    model: drjax linen model (with `stage_names`, `default_cam_layer`).
-    variables: `{'params', 'batch_stats'}`.
+    model: a flax.linen Module (a drjax model or any other), or an nnx Module.
+    variables: the linen model's variables (`{'params', 'batch_stats'}`); None for nnx.
     images: `[B, H, W, 3]`, uint8 or float32 ImageNet-normalised.
-    layer: stage name; None -> `model.default_cam_layer` (DenseNet: 'denseblock4',
-      the paper's choice). Unknown names raise a ValueError listing the valid ones.
+    layer: a drjax stage name or a '/'-joined submodule path ('backbone/Block_1');
+      None -> `model.default_cam_layer` (DenseNet: 'denseblock4', the paper's choice).
+      Unknown names raise a ValueError listing the valid ones (`layer_names`).
     targets: None = predicted class; int array `[B]` = class per image; callable
       `logits [K] -> scalar` = custom target (e.g. `referable_dr_target`).
     raw: return the unprocessed map at layer resolution `[B, h, w]` (no ReLU).
     image_size: if set and different from the images', resize the images to it
       before the forward pass (heatmaps still come back at the input resolution).
+    apply_kwargs: hashable keyword arguments of the forward pass, e.g.
+      `{'train': False}` (passed to `model.apply`, or to the nnx module's call).
+    reshape: maps the layer's output to `[B, h, w, C]`, e.g. `vit_reshape(1)` for ViT
+      tokens `[B, 1 + h*w, C]`; needed for any output that is not 4-D.
 
   Returns:
     float32 `[B, H, W]` in [0, 1] per image (or the raw `[B, h, w]` map).
   """
-  return _gradient_cam(gradcam_map, model, variables, images, layer, targets, raw, image_size)
+  return _gradient_cam(gradcam_map, model, variables, images, layer, targets, raw, image_size,
+                       apply_kwargs, reshape)
 
 
 def gradcam_plusplus(model, variables, images, *, layer=None, targets=None, raw=False,
-                     image_size=None):
+                     image_size=None, apply_kwargs=None, reshape=None):
   """Grad-CAM++ (Chattopadhay et al. 2018); arguments as `gradcam`."""
   return _gradient_cam(gradcam_plusplus_map, model, variables, images, layer, targets, raw,
-                       image_size)
+                       image_size, apply_kwargs, reshape)
 
 
-def hirescam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None):
+def hirescam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
+             apply_kwargs=None, reshape=None):
   """HiResCAM (Draelos & Carin 2020); arguments as `gradcam`."""
-  return _gradient_cam(hirescam_map, model, variables, images, layer, targets, raw, image_size)
+  return _gradient_cam(hirescam_map, model, variables, images, layer, targets, raw, image_size,
+                       apply_kwargs, reshape)
 
 
-def xgradcam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None):
+def xgradcam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
+             apply_kwargs=None, reshape=None):
   """XGrad-CAM (Fu et al. 2020); arguments as `gradcam`."""
-  return _gradient_cam(xgradcam_map, model, variables, images, layer, targets, raw, image_size)
+  return _gradient_cam(xgradcam_map, model, variables, images, layer, targets, raw, image_size,
+                       apply_kwargs, reshape)
 
 
-def layercam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None):
+def layercam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
+             apply_kwargs=None, reshape=None):
   """LayerCAM (Jiang et al. 2021); arguments as `gradcam`."""
-  return _gradient_cam(layercam_map, model, variables, images, layer, targets, raw, image_size)
+  return _gradient_cam(layercam_map, model, variables, images, layer, targets, raw, image_size,
+                       apply_kwargs, reshape)
 
 
 def default_fusion_layers(model) -> tuple[str, ...]:
   """`FUSION_LAYERS[model.default_cam_layer]`, keeping the stages the model has."""
+  (default,) = resolve_layers(model, None)
   names = stage_names(model)
-  layers = FUSION_LAYERS.get(model.default_cam_layer, ())
-  return tuple(n for n in layers if n in names) or (model.default_cam_layer,)
+  return tuple(n for n in FUSION_LAYERS.get(default, ()) if n in names) or (default,)
 
 
 def fusion(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
-           gamma: float = 2.0):
+           apply_kwargs=None, reshape=None, gamma: float = 2.0):
   """Multi-layer LayerCAM fusion (Jiang et al. 2021, Sec. III-C, eq. 7).
 
-  LayerCAM maps of several stages, all from one forward/backward pass, are
+  LayerCAM maps of several layers, all from one forward/backward pass, are
   ReLU'd, resized to the input, scaled with tanh(gamma * M / max M) (so that the
   weak shallow-layer maps count) and fused by element-wise maximum.
 
   Args:
-    layer: a sequence of stage names; None -> `FUSION_LAYERS[model.default_cam_layer]`.
+    layer: a sequence of layer names; None -> `FUSION_LAYERS[model.default_cam_layer]`.
     gamma: the tanh scaling factor (the paper's 2).
-    Others as `gradcam`; `raw=True` returns the fused map before min-max, at the
-    input resolution.
+    Others as `gradcam` (`reshape` applies to every layer); `raw=True` returns the fused
+    map before min-max, at the input resolution.
   """
   size = images.shape[-3:-1]
   if layer is None:
     layer = default_fusion_layers(model)
   out = activations_and_grads(model, variables, images, layer=layer, targets=targets,
-                              image_size=image_size)
+                              image_size=image_size, apply_kwargs=apply_kwargs, reshape=reshape)
   fused = layercam_fusion(out['acts'], out['grads'], size, gamma)
   return fused if raw else normalize(fused)
 
@@ -441,10 +721,14 @@ def fuse_maps(maps: Sequence[Array], size: Sequence[int], gamma: float = 2.0) ->
   return fused
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'layer', 'target_fn', 'batch_size'))
-def _scorecam(model, variables, images, cls, *, layer, target_fn, batch_size):
-  logits, state = model.apply(variables, images, train=False, mutable=['intermediates'])
-  acts = state['intermediates'][layer][0]
+@functools.partial(jax.jit, static_argnames=('model', 'layer', 'target_fn', 'batch_size',
+                                             'apply_kwargs', 'reshape'))
+def _scorecam(model, variables, images, cls, *, layer, target_fn, batch_size, apply_kwargs=(),
+              reshape=None):
+  _layer_shapes(model, variables, images, (layer,), apply_kwargs, reshape)
+  forward = functools.partial(_forward, model, variables, apply_kwargs=apply_kwargs)
+  logits, acts = forward(images, {layer: None})
+  acts = _grid(acts, reshape)[layer]
   cls = jax.vmap(_predicted)(logits, cls)
   size = images.shape[1:3]
 
@@ -460,7 +744,7 @@ def _scorecam(model, variables, images, cls, *, layer, target_fn, batch_size):
     masks = jnp.moveaxis(masks, -1, 0).reshape(padded // batch_size, batch_size, *size, 1)
 
     def chunk(m):
-      out = model.apply(variables, image[None] * m, train=False)
+      out = forward(image[None] * m, {})[0]
       return jax.vmap(target_fn, in_axes=(0, None))(out, c)
 
     scores = jax.lax.map(chunk, masks).reshape(-1)[:channels]
@@ -471,7 +755,7 @@ def _scorecam(model, variables, images, cls, *, layer, target_fn, batch_size):
 
 
 def scorecam(model, variables, images, *, layer=None, targets=None, raw=False, image_size=None,
-             batch_size: int = 32):
+             apply_kwargs=None, reshape=None, batch_size: int = 32):
   """Score-CAM (Wang et al. 2020): gradient-free, one forward pass per channel.
 
   The channel weights are the softmax over channels of the target score of the
@@ -480,26 +764,35 @@ def scorecam(model, variables, images, *, layer=None, targets=None, raw=False, i
   Arguments as `gradcam`.
   """
   size = images.shape[-3:-1]
-  (name,) = resolve_layers(model, layer)
-  images_in = prepare_images(images, image_size)
-  target_fn, cls = _resolve_targets(targets, images_in.shape[0])
-  cam = _scorecam(model, _clean(variables), images_in, cls, layer=name, target_fn=target_fn,
-                  batch_size=batch_size)
+  model, variables, (name,), apply_kwargs = _model_inputs(model, variables, layer, apply_kwargs)
+  images_in, target_fn, cls = _core_inputs(images, targets, image_size)
+  cam = _scorecam(model, variables, images_in, cls, layer=name, target_fn=target_fn,
+                  batch_size=batch_size, apply_kwargs=apply_kwargs, reshape=reshape)
   return cam if raw else postprocess(cam, size)
 
 
 # ----------------------------------------------------------------------------
-# Pixel attributions, for comparison with the CAMs.
+# Pixel attributions, for comparison with the CAMs. They ignore `layer` and `reshape`.
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'target_fn'))
-def _input_grads(model, variables, images, cls, *, target_fn):
+@functools.partial(jax.jit, static_argnames=('model', 'target_fn', 'apply_kwargs'))
+def _input_grads(model, variables, images, cls, *, target_fn, apply_kwargs=()):
   """Per-image gradient of the target w.r.t. the input: `[B, H, W, 3]`, and classes."""
 
-  logits, vjp_fn = jax.vjp(lambda x: model.apply(variables, x, train=False), images)
+  def logits_fn(x):
+    return _forward(model, variables, x, {}, apply_kwargs=apply_kwargs)[0]
+
+  logits, vjp_fn = jax.vjp(logits_fn, images)
   cls = jax.vmap(_predicted)(logits, cls)
   (g,) = vjp_fn(jax.vmap(jax.grad(target_fn))(logits, cls))   # per image, as in the core
   return g, cls
+
+
+def _pixel_inputs(model, variables, images, targets, image_size, apply_kwargs):
+  """-> (model, variables, images, target_fn, cls, apply_kwargs) for `_input_grads`."""
+  model, variables = _pure_model(model, variables)
+  images, target_fn, cls = _core_inputs(images, targets, image_size)
+  return model, variables, images, target_fn, cls, _static_kwargs(apply_kwargs)
 
 
 def _pixel_out(maps, raw, size):
@@ -507,70 +800,75 @@ def _pixel_out(maps, raw, size):
 
 
 def gradients(model, variables, images, *, layer=None, targets=None, raw=False,
-              image_size=None):
+              image_size=None, apply_kwargs=None, reshape=None):
   """Vanilla gradient saliency (Simonyan et al. 2014, Sec. 3.1): max_c |d score / d x|.
 
-  `layer` is ignored (the attribution is at the input). Other arguments as `gradcam`.
+  `layer` and `reshape` are ignored (the attribution is at the input). Other arguments
+  as `gradcam`.
   """
-  del layer
+  del layer, reshape
   size = images.shape[-3:-1]
-  x = prepare_images(images, image_size)
-  target_fn, cls = _resolve_targets(targets, x.shape[0])
-  g, _ = _input_grads(model, _clean(variables), x, cls, target_fn=target_fn)
+  model, variables, x, target_fn, cls, kwargs = _pixel_inputs(model, variables, images, targets,
+                                                              image_size, apply_kwargs)
+  g, _ = _input_grads(model, variables, x, cls, target_fn=target_fn, apply_kwargs=kwargs)
   return _pixel_out(jnp.abs(g).max(-1), raw, size)
 
 
 def smoothgrad(model, variables, images, *, layer=None, targets=None, raw=False,
-               image_size=None, num_samples: int = 16, noise: float = 0.15, seed: int = 0):
+               image_size=None, apply_kwargs=None, reshape=None, num_samples: int = 16,
+               noise: float = 0.15, seed: int = 0):
   """SmoothGrad (Smilkov et al. 2017, eq. 3): gradients averaged over noisy copies.
 
   Noise is Gaussian with sigma = `noise` * (max - min) of each image (the
   paper's 10-20%). The target class is fixed from the clean image. Saliency is
-  max_c |mean gradient|. Other arguments as `gradcam`.
+  max_c |mean gradient|. Other arguments as `gradients`.
   """
-  del layer
+  del layer, reshape
   size = images.shape[-3:-1]
-  x = prepare_images(images, image_size)
-  target_fn, cls = _resolve_targets(targets, x.shape[0])
-  variables = _clean(variables)
-  _, cls = _input_grads(model, variables, x, cls, target_fn=target_fn)
+  model, variables, x, target_fn, cls, kwargs = _pixel_inputs(model, variables, images, targets,
+                                                              image_size, apply_kwargs)
+  grads_fn = functools.partial(_input_grads, model, variables, target_fn=target_fn,
+                               apply_kwargs=kwargs)
+  _, cls = grads_fn(x, cls)
   sigma = noise * (x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
   rng = jax.random.PRNGKey(seed)
   total = 0.0
   for i in range(num_samples):
     eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape) * sigma[:, None, None, None]
-    total = total + _input_grads(model, variables, x + eps, cls, target_fn=target_fn)[0]
+    total = total + grads_fn(x + eps, cls)[0]
   return _pixel_out(jnp.abs(total / num_samples).max(-1), raw, size)
 
 
 def integrated_gradients(model, variables, images, *, layer=None, targets=None, raw=False,
-                         image_size=None, steps: int = 32, baseline=None):
+                         image_size=None, apply_kwargs=None, reshape=None, steps: int = 32,
+                         baseline=None):
   """Integrated Gradients (Sundararajan et al. 2017, eq. 3, midpoint Riemann sum).
 
   attr = (x - x') * mean_k grad(x' + (k + 1/2)/steps (x - x')); the map is
   sum_c |attr|. The baseline x' defaults to 0 (the ImageNet-mean image after
-  normalisation). Other arguments as `gradcam`.
+  normalisation). Other arguments as `gradients`.
   """
-  del layer
+  del layer, reshape
   size = images.shape[-3:-1]
   attr = integrated_gradients_attributions(model, variables, prepare_images(images, image_size),
-                                           targets=targets, steps=steps, baseline=baseline)
+                                           targets=targets, steps=steps, baseline=baseline,
+                                           apply_kwargs=apply_kwargs)
   return _pixel_out(jnp.abs(attr).sum(-1), raw, size)
 
 
 def integrated_gradients_attributions(model, variables, images, *, targets=None, steps=32,
-                                      baseline=None):
+                                      baseline=None, apply_kwargs=None):
   """Signed IG attributions `[B, H, W, 3]`; they sum to about score(x) - score(x') (eq. 1)."""
-  x = prepare_images(images)
+  model, variables, x, target_fn, cls, kwargs = _pixel_inputs(model, variables, images, targets,
+                                                              None, apply_kwargs)
   x0 = jnp.zeros_like(x) if baseline is None else prepare_images(baseline, x.shape[1:3])
-  target_fn, cls = _resolve_targets(targets, x.shape[0])
-  variables = _clean(variables)
-  _, cls = _input_grads(model, variables, x, cls, target_fn=target_fn)
+  grads_fn = functools.partial(_input_grads, model, variables, target_fn=target_fn,
+                               apply_kwargs=kwargs)
+  _, cls = grads_fn(x, cls)
   total = 0.0
   for k in range(steps):
     alpha = (k + 0.5) / steps
-    total = total + _input_grads(model, variables, x0 + alpha * (x - x0), cls,
-                                 target_fn=target_fn)[0]
+    total = total + grads_fn(x0 + alpha * (x - x0), cls)[0]
   return (x - x0) * total / steps
 
 
