@@ -1,4 +1,7 @@
-"""Parity with pytorch-grad-cam on full-size torchvision models with identical weights.
+"""Parity with pytorch-grad-cam on torchvision models with identical weights.
+
+Full-size models at their drjax stage names; a tiny DenseNet at submodule paths, through the
+path that works for any linen model (`nn.intercept_methods`).
 
 Random torchvision weights (and randomised BatchNorm statistics) are converted with
 drjax.weights.from_torchvision. pytorch-grad-cam runs once per architecture (hooks,
@@ -48,7 +51,11 @@ def _scale(cam):
 
 def _torch_model(arch):
   torch.manual_seed(0)
-  model = getattr(torchvision.models, arch)(weights=None)
+  return _randomised(getattr(torchvision.models, arch)(weights=None))
+
+
+def _randomised(model):
+  """`model` in eval mode, with non-trivial BatchNorm and ReLUs that are not in place."""
   with torch.no_grad():
     for m in model.modules():
       if isinstance(m, torch.nn.ReLU):
@@ -121,3 +128,46 @@ def test_cam_methods_match_pytorch_grad_cam(arch):
   print(f'\n{arch} @ {stage} {reference["gradcam"].shape[1:]}: acts rel err {acts_err:.1e}, '
         f'grads rel err {grads_err:.1e}; ' + '; '.join(
             f'{k} r={v["pearson"]:.6f} max|d|={v["max_abs_diff"]:.1e}' for k, v in stats.items()))
+
+
+# drjax submodule path of densenet_tiny -> the same torchvision module.
+TINY_LAYERS = {
+    'features/denseblock4': lambda m: m.features.denseblock4,
+    'features/denseblock3/denselayer1': lambda m: m.features.denseblock3.denselayer1,
+}
+
+
+@pytest.mark.parametrize('layer', list(TINY_LAYERS))
+def test_submodule_paths_match_pytorch_grad_cam(layer):
+  torch.manual_seed(0)
+  tmodel = _randomised(torchvision.models.DenseNet(
+      growth_rate=4, block_config=(1, 2, 1, 1), num_init_features=8, bn_size=2,
+      num_classes=1000))
+  x = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
+  xt = torch.from_numpy(x)
+  with torch.no_grad():
+    classes = [int(c) for c in tmodel(xt).argmax(-1)]
+  targets = [ClassifierOutputTarget(c) for c in classes]
+  torch_layer = TINY_LAYERS[layer](tmodel)
+  with GradCAM(model=tmodel, target_layers=[torch_layer]) as cam:
+    cam(input_tensor=xt, targets=targets)
+    acts = cam.activations_and_grads.activations[0].numpy().transpose(0, 2, 3, 1)
+    grads = cam.activations_and_grads.gradients[0].numpy().transpose(0, 2, 3, 1)
+
+  variables = weights.from_torchvision('densenet_tiny', tmodel.state_dict(), num_classes=1000)
+  model = models.get_model('densenet_tiny', num_classes=1000)
+  assert layer not in model.stage_names   # the generic path, not a tap
+  xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+  core = gradcam.activations_and_grads(model, variables, xj, layer=layer, targets=classes)
+  np.testing.assert_allclose(core['acts'][layer], acts, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(core['grads'][layer], grads,
+                             atol=1e-4 * float(np.abs(grads).max()))
+  for name, (cam_cls, fn) in METHODS.items():
+    method = cam_cls(model=tmodel, target_layers=[torch_layer])
+    reference = np.maximum(method.get_cam_image(xt, torch_layer, targets,
+                                                acts.transpose(0, 3, 1, 2),
+                                                grads.transpose(0, 3, 1, 2), False), 0)
+    method.activations_and_grads.release()
+    ours = np.asarray(jax.nn.relu(fn(model, variables, xj, layer=layer, targets=classes,
+                                     raw=True)))
+    np.testing.assert_allclose(_scale(ours), _scale(reference), atol=1e-4, err_msg=name)
