@@ -103,6 +103,7 @@ def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
 
       def run():
         eval_fn(variables, images).block_until_ready()
+      run.compiled_memory = lambda: compiled_memory(eval_fn, variables, images)
       return run, info
 
     patterns, frozen_bn, source = freezing
@@ -120,10 +121,31 @@ def jax_workload(mode: str, model_name: str, batch_size: int, image_size: int,
       holder[0], metrics = step(holder[0], batch, rng)
       metrics['loss'].block_until_ready()
 
+    run.compiled_memory = lambda: compiled_memory(step, holder[0], batch, rng)
     info.update(trainable_patterns=patterns, trainable_source=source,
                 frozen_bn_inference=frozen_bn,
                 trainable_scalars=freeze.count(variables['params'], label_tree).get('trainable', 0))
     return run, info
+
+
+def compiled_memory(jitted, *args) -> dict:
+  """The compiled program's own working set from XLA's `memory_analysis()`, in MiB.
+
+  `argument`, `output`, `alias` (outputs written into donated arguments: a train step that
+  donates its state aliases about the whole state), `temp` (XLA's scratch buffers) and
+  `generated_code`; `working_set` = argument + output - alias + temp, what the program needs
+  on its device while it runs. Unlike the process's peak RSS, this excludes jax's runtime,
+  the framework's libraries and anything else alive in the process. Empty where the
+  backend reports nothing.
+  """
+  stats = jitted.lower(*args).compile().memory_analysis()
+  if stats is None:
+    return {}
+  out = {f'{name}_mib': getattr(stats, f'{name}_size_in_bytes') / 2**20
+         for name in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  out['working_set_mib'] = (out['argument_mib'] + out['output_mib'] - out['alias_mib'] +
+                            out['temp_mib'])
+  return out
 
 
 def jax_peak_device_mib(device: str) -> float | None:
@@ -226,8 +248,11 @@ def worker(spec: dict, mode: str) -> dict:
                              spec.get('calls_per_repeat', 1))
   peak_device = (jax_peak_device_mib if spec['framework'] == 'jax'
                  else torch_peak_device_mib)(spec['device'])
+  # After timing, so that first_call_s still is the first call's own compile.
+  memory_fn = getattr(run, 'compiled_memory', None)
   return dict(
       spec, **timing, **info, mode=mode,
+      compiled_memory=memory_fn() if memory_fn is not None else None,
       images_per_s=spec['batch_size'] / timing['median_s'],
       peak_rss_mib=common.peak_rss_mib(), rss_after_import_mib=rss_start,
       rss_after_build_mib=rss_built, peak_device_mib=peak_device,
