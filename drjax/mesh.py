@@ -6,7 +6,9 @@ places the computation accordingly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -33,6 +35,28 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   sharding = NamedSharding(mesh, P('data'))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                     ahead: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """`shard_batch` of each of `batches`, in order, with `ahead` more already sent.
+
+  A batch's host-to-device copy is issued while the steps before it still run (jax
+  dispatches both asynchronously), so a step need not wait for its input to arrive.
+  `ahead=0` shards each batch only when it is asked for. The batches and their order are
+  exactly those of `batches`; up to `ahead` batches past the last one taken are read.
+  """
+  batches = iter(batches)
+  queue = collections.deque()
+
+  def enqueue(n: int) -> None:
+    for batch in itertools.islice(batches, n):
+      queue.append(shard_batch(batch, mesh))
+
+  enqueue(max(0, ahead) + 1)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def shard_padded(x: np.ndarray, mesh: Mesh) -> jax.Array:

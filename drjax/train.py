@@ -405,13 +405,14 @@ def _train(config: mlc.ConfigDict, run: _Run, ds, mesh: Mesh, workdir: pathlib.P
   batches = pipeline.make_train_iterator(
       config.input, ds.train, config.batch_size, config.seed, start_step=run.start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
+  batches = mesh_lib.prefetch_to_mesh(
+      ({'image': b['image'], 'label': b['label']} for b in batches), mesh,
+      config.input.get('device_prefetch', 0))
   logger = _TrainLogger(make_schedule(config.optimizer, config.num_steps), run.start_step)
   state, postfix = run.state, {}
   with metric_writer(workdir, run.start_step) as write, _progress_bar(config, run) as bar:
     for step in range(run.start_step + 1, config.num_steps + 1):
-      batch = next(batches)
-      batch = mesh_lib.shard_batch({'image': batch['image'], 'label': batch['label']}, mesh)
-      state, step_metrics = step_fn(state, batch, train_rng)
+      state, step_metrics = step_fn(state, next(batches), train_rng)
       logger.add(step_metrics)
       is_last = step == config.num_steps
       is_ckpt = step % config.checkpoint_every == 0 or is_last

@@ -1,5 +1,7 @@
 """Tests of the grain pipeline: oversampling, determinism, resume, sharding, padded evaluation."""
 
+import dataclasses
+import io
 import itertools
 
 import numpy as np
@@ -168,3 +170,108 @@ def test_with_masks_needs_a_dataset_with_masks(idrid_config):
   cfg.with_masks = True
   with pytest.raises(ValueError, match='no lesion masks'):
     pipeline.get_dataset(cfg)
+
+
+# --- reading stored images at another size, lean records, processes, device prefetch ------
+
+
+@pytest.fixture(scope='module')
+def jpeg_config(tmp_path_factory):
+  """An eyepacs-built set of 12 JPEGs stored at 64 px (benchmarks/common.py's stand-in)."""
+  from benchmarks import common
+
+  fields = common.eyepacs_standin(str(tmp_path_factory.mktemp('standin')), 12, stored_size=64,
+                                  unique_images=3, build_workers=1)
+  return _config(val_fraction=0.0, class_weights=None, image_size=64, **fields)
+
+
+def test_stored_images_are_read_at_the_training_size(jpeg_config):
+  from PIL import Image
+
+  from drjax.data import images
+
+  stored = pipeline.get_dataset(jpeg_config.copy_and_resolve_references()).train
+  assert stored.records is not None
+  for size in (32, 48):  # 64 -> 32: JPEG decoded at half scale; -> 48: decoded whole, resized
+    cfg = jpeg_config.copy_and_resolve_references()
+    cfg.image_size = size
+    ds = pipeline.get_dataset(cfg)
+    assert ds.builder.info.config_name == 'size64'  # the stored set, not one built at `size`
+    batch = next(pipeline.make_eval_iterator(cfg, ds.train, 4))
+    assert batch['image'].shape == (4, size, size, 3) and batch['image'].dtype == np.uint8
+    np.testing.assert_array_equal(batch['label'], ds.train.labels[:4])
+    for row, image in enumerate(batch['image']):
+      full = stored[row]['image']  # tfds's own decoding at the stored size
+      np.testing.assert_array_equal(images.decode_square(stored.encoded(row)[0]), full)
+      reference = np.asarray(Image.fromarray(full).resize((size, size), Image.BILINEAR))
+      # Same picture: reduced-scale decoding moves pixels by a few grey levels only.
+      assert np.abs(image.astype(int) - reference).mean() < 3
+      if size == 32:  # decoded at half scale, not decoded whole and then shrunk
+        half = Image.open(io.BytesIO(stored.encoded(row)[0]))
+        half.draft('RGB', (32, 32))
+        np.testing.assert_array_equal(image, np.asarray(half))
+
+
+def test_encoded_read_gives_the_pixels_and_labels_of_tfds(jpeg_config):
+  ds = pipeline.get_dataset(jpeg_config.copy_and_resolve_references())
+  lean = next(pipeline.make_eval_iterator(jpeg_config, ds.train, 12))
+  slow = next(pipeline.make_eval_iterator(
+      jpeg_config, dataclasses.replace(ds.train, records=None), 12))
+  assert lean['image'].shape == (12, 64, 64, 3)
+  for key in ('image', 'label', 'valid'):
+    np.testing.assert_array_equal(lean[key], slow[key])
+
+
+def test_masks_are_resized_with_the_images(tmp_path):
+  cfg = _config(data_dir=str(tmp_path), num_images=6, image_size=16, stored_size=32,
+                with_masks=True, build_workers=1, val_fraction=0.0, class_weights=None)
+  ds = pipeline.get_dataset(cfg)
+  batch = next(pipeline.make_eval_iterator(cfg, ds.train, 6))
+  assert batch['image'].shape == (6, 16, 16, 3) and batch['masks'].shape == (6, 16, 16, 5)
+  stored = np.stack([ds.train[i]['masks'] for i in range(6)])
+  # 32 -> 16: a pixel is lesion if any of the 2x2 stored pixels under it is.
+  pooled = stored.reshape(6, 16, 2, 16, 2, 5).max(axis=(2, 4))
+  np.testing.assert_array_equal(batch['masks'], pooled)
+  assert pooled.any()
+
+
+def test_reader_processes_yield_the_same_stream():
+  source = _fake_source(np.arange(29) % 5)
+  cfg = _config(num_workers=1)
+  alone = [_index(b) for b in _take(pipeline.make_train_iterator(cfg, source, 4, seed=2), 7)]
+  cfg.reader_processes = 2
+  it = pipeline.make_train_iterator(cfg, source, 4, seed=2, start_step=3)
+  try:
+    together = [_index(b) for b in _take(it, 4)]
+  finally:
+    it.close()
+  np.testing.assert_array_equal(together, alone[3:])
+
+
+@pytest.mark.parametrize('ahead', [0, 2])
+def test_prefetch_to_mesh_yields_the_same_batches_in_order(ahead):
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from drjax import mesh as mesh_lib
+
+  mesh = mesh_lib.make_mesh(jax.devices()[:4])
+  batches = [{'image': np.full((8, 2, 2, 3), k, np.uint8), 'label': np.arange(8) + k}
+             for k in range(5)]
+  read = []
+
+  def stream():
+    for b in batches:
+      read.append(1)
+      yield b
+
+  out = mesh_lib.prefetch_to_mesh(stream(), mesh, ahead=ahead)
+  first = next(out)
+  assert len(read) == 1 + ahead  # the next `ahead` batches are already on their way
+  got = [first, *out]
+  assert len(got) == len(batches)
+  for b, g in zip(batches, got, strict=True):
+    for key in ('image', 'label'):
+      assert g[key].sharding == NamedSharding(mesh, P('data'))
+      np.testing.assert_array_equal(np.asarray(g[key]), b[key])

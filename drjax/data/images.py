@@ -54,6 +54,39 @@ def open_image(source: str | os.PathLike | bytes, min_size: int | None = None) -
     raise BadImageError(f'cannot decode image: {e}') from e
 
 
+def decode_square(data: bytes, size: int | None = None) -> np.ndarray:
+  """Encoded square image (as the builders store it) -> uint8 [size, size, 3], for training.
+
+  A JPEG is decoded at the smallest DCT scale that keeps it >= `size` (PIL's `draft`: a
+  512 px crop read for 224 px training decodes at 256 px), then any remaining difference is
+  resized with antialiased bilinear filtering (torchvision's `Resize` default). At the
+  stored size the pixels are those tfds decodes. Unlike `decode`, nothing is checked or
+  converted beyond RGB: the builders did that when they stored the image.
+
+  Args:
+    data: the encoded bytes of a stored image (JPEG or PNG).
+    size: side of the output; None: as stored.
+
+  Returns:
+    uint8 [size, size, 3].
+  """
+  im = Image.open(io.BytesIO(data))
+  if size is not None and im.format == 'JPEG' and min(im.size) > size:
+    im.draft('RGB', (size, size))
+  if im.mode != 'RGB':
+    im = im.convert('RGB')
+  if size is not None and im.size != (size, size):
+    im = im.resize((size, size), Image.BILINEAR)
+  return np.asarray(im, np.uint8)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [S, S, 3] -> [size, size, 3], filtered as `decode_square` resizes."""
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.uint8)
+
+
 def _to_uint8_scale(arr: np.ndarray) -> np.ndarray:
   """Integer/float arrays of more than 8 bits -> uint8, scaling by the inferred bit depth."""
   arr = np.asarray(arr)

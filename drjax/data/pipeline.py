@@ -10,7 +10,9 @@ The training stream is a pure function of (seed, global step, row): example k of
 stream is drawn from "epoch" k // N with a generator seeded by (seed, epoch). So a run resumed
 at `start_step` sees exactly the batches it would have seen, whatever the number of reader
 threads, and process p of P reads rows [p * B/P, (p + 1) * B/P) of every global batch.
-Augmentation is not done here: it runs on device (drjax.data.augment).
+Images stored larger than the model's input (`stored_size`, e.g. prepare_data.py's 512 px
+EyePACS) are decoded at reduced JPEG scale and resized on read. Augmentation is not done
+here: it runs on device (drjax.data.augment).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any
 import grain
 import ml_collections as mlc
 import numpy as np
-from absl import logging
+from absl import flags, logging
+from tensorflow_datasets.proto import tf_example_pb2
 
-from drjax.data import builders, splits
+from drjax.data import builders, images, splits
 
 # Oversampling weights per grade from the paper, eq. (2-1): with the EyePACS counts
 # d = [25810, 2443, 5292, 873, 708], w * d is roughly balanced (~2.4k-2.8k per grade).
@@ -34,6 +37,8 @@ PAPER_CLASS_WEIGHTS = (0.1, 1.0, 0.5, 3.0, 4.0)
 NUM_CLASSES = 5
 # Long enough to never run out; grain's MapDataset is lazy, nothing is allocated per index.
 _INFINITE = 2**62
+# What tfds writes each record as (its own copy of the proto: no TensorFlow needed).
+_EXAMPLE = tf_example_pb2.Example
 
 
 def default_config() -> mlc.ConfigDict:
@@ -42,7 +47,11 @@ def default_config() -> mlc.ConfigDict:
   c.dataset = 'synthetic_fundus'  # 'synthetic_fundus' | 'eyepacs' | 'idrid' | 'aptos2019'
   c.data_dir = ''  # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.manual_dir = ''  # downloaded files of eyepacs/idrid/aptos2019 (only needed to build)
-  c.image_size = 224  # side of the stored square images
+  c.image_size = 224  # side of the images the model gets
+  # Side of the stored images when it differs from image_size (e.g. 512, what
+  # scripts/prepare_data.py writes for eyepacs): they are decoded at reduced JPEG scale and
+  # resized on read. 0: stored at image_size (built at that size if missing).
+  c.stored_size = 0
   c.num_images = 2000  # synthetic_fundus: training images
   c.num_test_images = 0  # synthetic_fundus: size of its 'test' split
   c.synthetic_seed = 0  # synthetic_fundus: seed of the generated set
@@ -54,6 +63,12 @@ def default_config() -> mlc.ConfigDict:
   c.split_seed = 0
   c.num_workers = 8  # reader threads (decoding releases the GIL)
   c.prefetch = 8  # batches read ahead (at least num_workers)
+  # Training batches are read in this many processes (grain's mp_prefetch), each with
+  # num_workers threads, for hosts whose cores outrun one Python interpreter; 0: in-process.
+  c.reader_processes = 0
+  # Training batches copied to the devices ahead of the step that uses them, so that the copy
+  # overlaps the steps before it (drjax.mesh.prefetch_to_mesh); 0: copied when needed.
+  c.device_prefetch = 2
   c.build_workers = 0  # processes when building a dataset; 0: all CPUs
   c.with_masks = False  # yield lesion masks [B, H, W, 5] (synthetic_fundus, idrid segmentation)
   return c
@@ -76,12 +91,23 @@ class Source:
   # The same records with the masks left encoded: inflating [S, S, 5] masks costs more than
   # reading the rest of a record, and classification training does not need them.
   maskless_source: Any = None
+  # The serialized tf.train.Examples (ArrayRecord), for `encoded`; None for in-memory sources.
+  records: Any = None
 
   def __len__(self) -> int:
     return len(self.indices)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     return self.data_source[int(self.indices[i])]
+
+  def encoded(self, i: int) -> tuple[bytes, int]:
+    """(encoded image bytes, label) of record i, parsed straight from its tf.train.Example.
+
+    tfds's generic parsing of every feature holds the GIL several times longer than this,
+    which caps what reader threads can deliver together.
+    """
+    feature = _EXAMPLE.FromString(self.records[int(self.indices[i])]).features.feature
+    return feature['image'].bytes_list.value[0], int(feature['label'].int64_list.value[0])
 
   def get(self, i: int, with_masks: bool = True) -> dict[str, Any]:
     """Record i; masks (if any) decoded only when `with_masks`."""
@@ -108,13 +134,23 @@ class DatasetSplits:
   builder: Any
 
 
+def stored_size(config_input: mlc.ConfigDict) -> int:
+  """Side of the images as stored: `stored_size`, or `image_size` when that is 0."""
+  return config_input.get('stored_size', 0) or config_input.image_size
+
+
+def _read_size(config_input: mlc.ConfigDict) -> int | None:
+  """Side the loaders resize to, or None where images are used as stored."""
+  return config_input.image_size if stored_size(config_input) != config_input.image_size else None
+
+
 def _builder_options(config_input: mlc.ConfigDict) -> dict[str, Any]:
   name = config_input.dataset
+  size = stored_size(config_input)
   if name == 'synthetic_fundus':
-    return dict(num_images=config_input.num_images, image_size=config_input.image_size,
+    return dict(num_images=config_input.num_images, image_size=size,
                 seed=config_input.synthetic_seed, num_test_images=config_input.num_test_images)
-  options = dict(image_size=config_input.image_size, btgraham=config_input.btgraham,
-                 limit=config_input.limit)
+  options = dict(image_size=size, btgraham=config_input.btgraham, limit=config_input.limit)
   if name == 'idrid':
     options['task'] = config_input.idrid_task
   return options
@@ -152,6 +188,12 @@ def _read_index(builder, split: str) -> dict[str, np.ndarray]:
   return index
 
 
+def _records(data_source) -> Any:
+  """The ArrayRecord reader under a tfds data source, or None if it is not one."""
+  records = getattr(data_source, 'data_source', None)
+  return records if hasattr(records, '__getitem__') else None
+
+
 def _skip_decoding():
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -186,8 +228,9 @@ def get_dataset(config_input: mlc.ConfigDict) -> DatasetSplits:
     idx = _read_index(builder, split)
     maskless = builder.as_data_source(
         split, decoders={k: _skip_decoding() for k in mask_keys}) if mask_keys else None
-    return Source(builder.as_data_source(split), np.arange(len(idx['labels'])), idx['labels'],
-                  idx['ids'], idx['patient_ids'], has_masks, maskless)
+    data_source = builder.as_data_source(split)
+    return Source(data_source, np.arange(len(idx['labels'])), idx['labels'], idx['ids'],
+                  idx['patient_ids'], has_masks, maskless, _records(data_source))
 
   full = whole('train')
   train_idx, val_idx = splits.train_val_split(full.labels, full.patient_ids,
@@ -259,19 +302,37 @@ class _TrainIndex:
 
 
 class _Load:
-  """Example index -> the dict the train step wants (no strings: everything goes to device)."""
+  """Example index -> the dict the train step wants (no strings: everything goes to device).
 
-  def __init__(self, source: Source, with_masks: bool):
+  Images come out at `size` (None: as stored). Without masks, a record of a tfds source is
+  parsed by `Source.encoded` and its image decoded by `images.decode_square`, which gives
+  the same pixels as tfds's own decoding at the stored size.
+  """
+
+  def __init__(self, source: Source, with_masks: bool, size: int | None = None):
     self.source = source
     self.with_masks = with_masks
+    self.size = size
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
+    if not self.with_masks and self.source.records is not None:
+      data, label = self.source.encoded(i)
+      return {'image': images.decode_square(data, self.size),
+              'label': np.asarray(label, np.int32)}
     rec = self.source.get(i, self.with_masks)
-    out = {'image': np.asarray(rec['image'], np.uint8),
+    image = np.asarray(rec['image'], np.uint8)
+    out = {'image': image if self.size is None else images.resize_square(image, self.size),
            'label': np.asarray(rec['label'], np.int32)}
     if self.with_masks:
-      out['masks'] = np.asarray(rec['masks'], np.uint8)
+      out['masks'] = self._masks(np.asarray(rec['masks'], np.uint8))
     return out
+
+  def _masks(self, masks: np.ndarray) -> np.ndarray:
+    if self.size is None or masks.shape[0] == self.size:
+      return masks
+    whole = (0.0, 0.0, float(masks.shape[1]), float(masks.shape[0]))
+    return images.stack_masks([images.resize_mask(masks[..., k], whole, self.size)
+                               for k in range(masks.shape[-1])], self.size)
 
 
 def _local_batch(batch_size: int, process_count: int) -> int:
@@ -280,18 +341,25 @@ def _local_batch(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _batched(ds: grain.MapDataset, config_input: mlc.ConfigDict,
-             local_batch: int) -> grain.IterDataset:
-  """Batches, then reads whole batches on `num_workers` threads.
+def _batched(ds: grain.MapDataset, config_input: mlc.ConfigDict, local_batch: int,
+             processes: int = 0) -> grain.IterDataset:
+  """Batches, then reads whole batches on `num_workers` threads (in each of `processes`).
 
   Batching before `to_iter_dataset` makes a batch the unit of work of a reader thread:
   grain's per-element overhead then is paid once per batch, and images still decode in
-  parallel (PIL/OpenCV release the GIL) across the batches in flight.
+  parallel (PIL releases the GIL) across the batches in flight. With processes, grain hands
+  them batches in turn and yields them in the same order as one process would.
   """
   threads = max(1, config_input.num_workers)
   options = grain.ReadOptions(num_threads=threads,
                               prefetch_buffer_size=max(threads, config_input.prefetch))
-  return ds.batch(local_batch).to_iter_dataset(options)
+  out = ds.batch(local_batch).to_iter_dataset(options)
+  if processes > 0:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain reads its absl flags; a notebook parsed none
+    out = out.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=processes, per_worker_buffer_size=max(1, config_input.prefetch // processes)))
+  return out
 
 
 def make_train_iterator(config_input: mlc.ConfigDict, source: Source, batch_size: int,
@@ -316,8 +384,9 @@ def make_train_iterator(config_input: mlc.ConfigDict, source: Source, batch_size
   local = _local_batch(batch_size, process_count)
   probs = sampling_probabilities(source.labels, config_input.class_weights)
   index = _TrainIndex(len(source), probs, seed, start_step, batch_size, process_index, local)
-  ds = grain.MapDataset.source(index).map(_Load(source, config_input.with_masks))
-  return iter(_batched(ds, config_input, local))
+  ds = grain.MapDataset.source(index).map(
+      _Load(source, config_input.with_masks, _read_size(config_input)))
+  return iter(_batched(ds, config_input, local, config_input.get('reader_processes', 0)))
 
 
 class _EvalIndex:
@@ -340,8 +409,8 @@ class _EvalIndex:
 
 
 class _LoadPadded:
-  def __init__(self, source: Source, with_masks: bool):
-    self.load = _Load(source, with_masks)
+  def __init__(self, source: Source, with_masks: bool, size: int | None):
+    self.load = _Load(source, with_masks, size)
     self._template = None
 
   def __call__(self, index_valid: tuple[int, bool]) -> dict[str, np.ndarray]:
@@ -370,5 +439,6 @@ def make_eval_iterator(config_input: mlc.ConfigDict, source: Source, batch_size:
   """
   local = _local_batch(batch_size, process_count)
   index = _EvalIndex(len(source), batch_size, process_index, local)
-  ds = grain.MapDataset.source(index).map(_LoadPadded(source, config_input.with_masks))
+  ds = grain.MapDataset.source(index).map(
+      _LoadPadded(source, config_input.with_masks, _read_size(config_input)))
   return iter(_batched(ds, config_input, local))
