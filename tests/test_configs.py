@@ -49,12 +49,13 @@ def test_config_is_locked_and_has_the_paper_hyper_parameters(name, arg):
   # A random-init ResNet starts its residual branches at 0; the others have none.
   assert config.weights.zero_init_residual == (name == 'resnet')
   assert config.mixed_precision == 'float32'
+  assert config.cpu_conv is True  # the CPU convolutions, where jax runs on a CPU
   assert config.frozen_bn_inference
   assert config.model in models.MODEL_NAMES
   assert isinstance(config.trainable, tuple)
-  if arg == 'paper':
-    assert (config.batch_size, config.input.image_size, config.input.dataset) == (
-        256, 224, 'eyepacs')
+  if arg == 'paper':  # the 512 px EyePACS set of scripts/prepare_data.py, read at 224 px
+    assert (config.batch_size, config.input.image_size, config.input.stored_size,
+            config.input.dataset) == (256, 224, 512, 'eyepacs')
   elif arg is None:
     assert config.input.dataset == 'synthetic_fundus'
 
