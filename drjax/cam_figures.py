@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import jax
 import matplotlib
 import numpy as np
 
@@ -16,7 +15,7 @@ import numpy as np
 # display needed, and figures are freed with their last reference.
 from matplotlib.figure import Figure
 
-from drjax import gradcam, localize
+from drjax import evaluate, gradcam, localize
 
 
 def colorize(heatmap: np.ndarray, cmap: str = 'jet') -> np.ndarray:
@@ -129,8 +128,7 @@ def save_panel(model, variables, images_uint8, path: str, *, method: str = 'grad
   heatmaps = np.asarray(fn(model, variables, images_uint8, layer=layer, targets=targets,
                            image_size=image_size))
   x = gradcam.prepare_images(images_uint8, image_size)
-  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
-  probs = np.asarray(jax.nn.softmax(model.apply(variables, x, train=False), -1))
+  probs = np.asarray(evaluate.predict_probs(model, variables, x))
   titles = []
   for i, p in enumerate(probs):
     title = f'pred {int(p.argmax())} ({p.max():.2f})'

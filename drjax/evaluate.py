@@ -23,7 +23,13 @@ PyTree = Any
 
 def eval_step(variables: PyTree, images: jax.Array, *, model: nn.Module) -> jax.Array:
   """Class probabilities [B, K] for uint8 images [B, H, W, 3] (inference-mode BN)."""
-  logits = model.apply(variables, models.normalize(images), train=False)
+  return predict_probs(model, variables, models.normalize(images))
+
+
+def predict_probs(model: nn.Module, variables: PyTree, x: jax.Array) -> jax.Array:
+  """Class probabilities [B, K] for ImageNet-normalised images [B, H, W, 3]."""
+  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+  logits = model.apply(variables, x, train=False)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 

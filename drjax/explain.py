@@ -6,10 +6,9 @@ import json
 import pathlib
 from collections.abc import Iterable, Sequence
 
-import jax
 import numpy as np
 
-from drjax import cam_figures, errors, gradcam, localize
+from drjax import cam_figures, errors, evaluate, gradcam, localize
 from drjax.cam_study import examples
 from drjax.data import images as dimages
 
@@ -32,13 +31,6 @@ def list_images(paths: Iterable[str]) -> list[pathlib.Path]:
   return out
 
 
-def _probs(model, variables, image: np.ndarray) -> np.ndarray:
-  """Softmax over the grades of one uint8 image `[S, S, 3]` -> `[num_classes]`."""
-  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
-  logits = model.apply(variables, gradcam.prepare_images(image[None]), train=False)
-  return np.asarray(jax.nn.softmax(logits, -1))[0]
-
-
 def explain(model, variables, image_paths: Sequence[pathlib.Path], out_dir, *,
             image_size: int, method: str = 'gradcam', layer: str | None = None,
             masks_dir=None, targets=None, tolerance: float = 15,
@@ -57,7 +49,8 @@ def explain(model, variables, image_paths: Sequence[pathlib.Path], out_dir, *,
   for path in image_paths:
     image, box, decoded = dimages.preprocess_fundus(path, image_size, btgraham=btgraham)
     heat = np.asarray(fn(model, variables, image[None], layer=layer, targets=targets))[0]
-    probs = _probs(model, variables, image)
+    x = gradcam.prepare_images(image[None])
+    probs = np.asarray(evaluate.predict_probs(model, variables, x))[0]
     masks = (examples.load_masks_for(path.stem, masks_dir, box, decoded, image_size)
              if masks_dir else None)
     cam_figures.figure5(image, heat, str(out_dir / f'{path.stem}_{method}.png'),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from drjax import gradcam, localize
+from drjax import evaluate, gradcam, localize
 from drjax import mesh as mesh_lib
 from drjax.cam_study.examples import LESION_TYPES, Example
 from drjax.models import common
@@ -123,8 +123,7 @@ def score_heatmaps(heatmaps: dict[str, np.ndarray], examples: Sequence[Example],
 def faithfulness(model, variables, examples: Sequence[Example], heatmaps: dict[str, np.ndarray],
                  num_images: int = 4, steps: int = 8) -> dict[str, dict[str, float]]:
   """Mean deletion/insertion AUCs (probability of the predicted grade) per 'method@layer'."""
-  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
-  apply = jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x, train=False), -1))
+  apply = jax.jit(functools.partial(evaluate.predict_probs, model, variables))
   out = {}
   for key, maps in heatmaps.items():
     dels, ins = [], []
