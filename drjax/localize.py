@@ -26,7 +26,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage, stats
 
-DEFAULT_LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')  # = drjax.data.synthetic.LESION_TYPES
+from drjax.data import images
+
+DEFAULT_LESION_TYPES = images.LESION_TYPES
 
 
 def _as_pair(heatmap, mask) -> tuple[np.ndarray, np.ndarray]:

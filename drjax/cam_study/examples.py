@@ -9,12 +9,11 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
-from drjax import localize
 from drjax.data import images as dimages
 from drjax.data import synthetic
 
-LESION_TYPES = localize.DEFAULT_LESION_TYPES
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp')
+LESION_TYPES = dimages.LESION_TYPES
+IMAGE_EXTENSIONS = dimages.IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass

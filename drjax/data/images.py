@@ -18,6 +18,10 @@ from PIL import Image, ImageFilter, ImageOps
 from drjax import errors
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels, PIL's order.
+# Lesion mask channels, in this order everywhere: microaneurysms, haemorrhages, hard exudates,
+# soft exudates (cotton-wool spots), neovascularisation (IDRiD's types, and NV).
+LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff', '.bmp')
 
 
 class BadImageError(errors.UserError, ValueError):

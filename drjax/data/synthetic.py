@@ -30,7 +30,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')
+from drjax.data import images
+
+LESION_TYPES = images.LESION_TYPES
 MA, HE, EX, SE, NV = range(len(LESION_TYPES))
 NUM_GRADES = 5
 

@@ -27,10 +27,9 @@ from drjax.data import images
 
 NUM_GRADES = 5
 GRADE_NAMES = ('0_no_dr', '1_mild', '2_moderate', '3_severe', '4_proliferative')
-# Lesion mask channels, in this order everywhere (= drjax.data.synthetic.LESION_TYPES).
-LESION_TYPES = ('MA', 'HE', 'EX', 'SE', 'NV')
+LESION_TYPES = images.LESION_TYPES
 _MIN_ITEMS_FOR_PROCESSES = 100
-IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff', '.bmp')
+IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 
 
 class NoUsableDataError(errors.UserError, RuntimeError):
