@@ -331,12 +331,12 @@ def _start(config: mlc.ConfigDict, workdir: pathlib.Path, mesh: Mesh, manager) -
   restored = _restore(workdir, mesh, manager, tx, init_variables, meta)
   if restored is not None:
     state, meta, start_step = restored
+    labels = freeze.trainable_labels(state.params, meta['trainable'])
   else:
     start_step = 0
     variables, meta = _initial_weights(config, init_variables, meta)
     labels = freeze.trainable_labels(variables['params'], meta['trainable'])
     state = mesh_lib.replicate(create_train_state(variables, tx, labels), mesh)
-  labels = freeze.trainable_labels(state.params, meta['trainable'])
   if distributed.is_main_process():
     (workdir / 'weights_source.txt').write_text(meta['weights_source'] + '\n')
   meta['parameter_counts'] = freeze.count(state.params, labels)

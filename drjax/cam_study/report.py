@@ -105,7 +105,8 @@ def _default_setting_sentences(scores: dict, default: str, types: Sequence[str])
   out = []
   for t in types:
     s = scores[default][t]
-    out.append(f'{t} ({s["n"]} images): the paper\'s setting ({default}) scores pixel AUROC '
+    images = f'{s["n"]} image' + ('' if s['n'] == 1 else 's')
+    out.append(f'{t} ({images}): the paper\'s setting ({default}) scores pixel AUROC '
                f'{_fmt(s["auroc"])}, relevance mass {_fmt(s["mass"])} vs {_fmt(s["area"])} for '
                f'a uniform map (x{_fmt(_lift(s), 2)}), pointing game {_fmt(s["pointing"], 2)}: '
                f'{_verdict(s["auroc"], _lift(s))}.')
