@@ -8,6 +8,7 @@ HOMEPAGE, CITATION, MANUAL_DOWNLOAD_INSTRUCTIONS where it has them), and defines
 from __future__ import annotations
 
 import abc
+import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Iterator
@@ -58,3 +59,27 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 report: common.SkipReport) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, example) of `fn(item)` for each item, made in worker processes; skips reported."""
     yield from common.generate_examples(items, fn, report, self.data_dir, self._num_workers)
+
+
+@dataclasses.dataclass
+class PhotoConfig(tfds.core.BuilderConfig):
+  """A graded photograph set: image_size, the side of the stored square crop; btgraham, Ben
+  Graham preprocessing; image_format, 'jpeg' or 'png'; limit, keep only the first N usable
+  ids per split (0: all)."""
+
+  image_size: int = 512
+  btgraham: bool = False
+  image_format: str = 'jpeg'
+  limit: int = 0
+
+
+def make_photo_config(image_size: int = 512, btgraham: bool = False, image_format: str = 'jpeg',
+                      limit: int = 0) -> PhotoConfig:
+  """A config whose name encodes every option, so differently built data never collide."""
+  name = f'size{image_size}' + ('_btgraham' if btgraham else '')
+  name += '' if image_format == 'jpeg' else f'_{image_format}'
+  name += f'_limit{limit}' if limit else ''
+  return PhotoConfig(name=name, image_size=image_size, btgraham=btgraham,
+                     image_format=image_format, limit=limit,
+                     description=f'{image_size}px field-of-view crops'
+                     + (', Ben Graham preprocessing' if btgraham else ''))

@@ -9,7 +9,6 @@ that `drjax.data.splits` never separates them.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 
@@ -31,27 +30,8 @@ rules), extract the multi-part zips and pass the folder as --manual_dir:
 """
 
 
-@dataclasses.dataclass
-class EyepacsConfig(tfds.core.BuilderConfig):
-  """image_size: side of the stored square crop; btgraham: Ben Graham preprocessing;
-  image_format: 'jpeg' or 'png'; limit: keep only the first N usable ids per split (0: all)."""
-
-  image_size: int = 512
-  btgraham: bool = False
-  image_format: str = 'jpeg'
-  limit: int = 0
-
-
-def make_config(image_size: int = 512, btgraham: bool = False, image_format: str = 'jpeg',
-                limit: int = 0) -> EyepacsConfig:
-  """A config whose name encodes every option, so differently built data never collide."""
-  name = f'size{image_size}' + ('_btgraham' if btgraham else '')
-  name += '' if image_format == 'jpeg' else f'_{image_format}'
-  name += f'_limit{limit}' if limit else ''
-  return EyepacsConfig(name=name, image_size=image_size, btgraham=btgraham,
-                       image_format=image_format, limit=limit,
-                       description=f'{image_size}px field-of-view crops'
-                       + (', Ben Graham preprocessing' if btgraham else ''))
+# The options and config names of every graded photograph set.
+make_config = base.make_photo_config
 
 
 def patient_id(image_name: str) -> str:
