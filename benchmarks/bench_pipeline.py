@@ -3,7 +3,7 @@
   python benchmarks/bench_pipeline.py --quick                  # seconds: 64 px synthetic_fundus
   python benchmarks/bench_pipeline.py --dataset eyepacs_standin --num_images 4000 \
       --stored_size 512 --image_size 224 --threads 1,2        # the paper's read: 512 px -> 224
-  python benchmarks/bench_pipeline.py --dataset idrid --manual_dir ../shared/data/idrid \
+  python benchmarks/bench_pipeline.py --dataset idrid --manual_dir /path/to/idrid \
       --image_size 512 --threads 1,4,8
 
 Builds the dataset if needed (into --data_dir; `eyepacs_standin` is an EyePACS-sized set of
