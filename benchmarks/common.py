@@ -23,11 +23,10 @@ Lockstep (the default when both frameworks are measured, `--no-interleave` turns
 the drjax and the PyTorch process of one comparison are started one after the other
 (each compiles and warms up with its cores to itself), and then take turns, one timed
 repeat at a time, in the order A B B A A B ..., the idle one blocked on its stdin. On
-these shared machines the speed of a core drifts by 25-45% over tens of seconds (a fixed
-1024x1024 matmul on an idle core: 24.7-36 ms within 40 s), so two measurements taken one
-after the other compare two moments of the machine as much as two frameworks; taking
-turns gives both the same moments. `run_lockstep` is the parent's side, `time_calls` the
-worker's.
+these shared machines the speed of a core drifts by 25-45% over tens of seconds, so two
+measurements taken one after the other compare two moments of the machine as much as two
+frameworks; taking turns gives both the same moments. `run_lockstep` is the parent's side,
+`time_calls` the worker's.
 """
 
 from __future__ import annotations
@@ -377,12 +376,8 @@ def run_lockstep(script: str, specs: Sequence[dict], timeout_s: float = 1800) ->
   parent asks for `repeats` timed repeats (`specs[0]['repeats']`), alternating the order
   A B, B A, A B, ...; the worker that is not timing waits on its stdin. Each turn starts
   `LOCKSTEP_SETTLE_S` after the one before it ended, so that the other worker's threads
-  have gone idle: PyTorch's OpenMP threads spin-wait after a parallel region. Without the
-  pause (ResNet101, two cores, batch 4, two runs each way) drjax's Grad-CAM was 3.64x and
-  3.63x pytorch-grad-cam and 0.96x and 0.88x its own forward; with it 3.71x and 3.75x,
-  0.95x and 0.94x (and 3.92x, 0.98x in a third run); with OMP_WAIT_POLICY=PASSIVE on the
-  PyTorch side and no pause, 4.24x and 0.98x. On a GPU there is no pause: the work is
-  on the card, and each turn ends synchronised. After a label
+  have gone idle: PyTorch's OpenMP threads spin-wait after a parallel region. On a GPU there
+  is no pause: the work is on the card, and each turn ends synchronised. After a label
   each worker in turn is let go on to its next phase. Returns the workers' results, in
   the order of `specs`; if any worker fails or times out (`timeout_s` per spec), every
   result is an error naming it, since a half-measured pair is no comparison.
