@@ -21,6 +21,30 @@ from). With ImageNet weights (drjax.weights.resolve) the paper's freezing applie
 `:paper` is the paper's full scale: EyePACS at 224 px, batch 256, about 100 epochs, constant
 Adam 1e-4 and all of the paper's augmentations (`drjax.data.augment.default_config()`).
 
+The 224 px variants (the paper's input size, denseblock4 a 7x7 map), sized for a GPU; on a
+2-core CPU each is many hours. All use the paper's augmentations (at 224 px a lesion is 4-7 px
+wide and survives a rotation); drjax/recipe.py says why each size was chosen:
+
+  python scripts/train.py --config configs/densenet.py:study224
+      # 8000 synthetic images (6400 train), batch 32, 6000 steps, Adam 1e-3 cosine, every
+      # layer from a random init: the CAM study's classifier and Table 1 at 224 px
+      # (configs/sweeps/paper224.py). Its target: validation kappa >= 0.85, referable AUC >= 0.95.
+  python scripts/train.py --config configs/densenet.py:idrid224 \
+      --config.input.manual_dir=/path/to/idrid
+      # IDRiD grading (330 train / 83 validation photographs), uniform sampling, batch 32,
+      # 3000 steps, every layer from a random init: the baseline of transfer224. Expect a weak
+      # classifier (kappa well below study224's): 330 images are little to learn from scratch.
+  python scripts/train.py --config configs/densenet.py:pretrain224
+      # the stand-in for ImageNet pretraining: 20000 synthetic images, batch 64, 10000 steps,
+      # every layer from a random init. Export it for transfer224:
+      #   python scripts/export_weights.py --workdir RUN --output WEIGHTS_DIR
+  python scripts/train.py --config configs/densenet.py:transfer224 \
+      --config.input.manual_dir=/path/to/idrid --config.weights.path=WEIGHTS_DIR
+      # IDRiD with the paper's frozen recipe (head + norm5 + denselayer14-16 trainable, Adam 1e-4
+      # constant) from WEIGHTS_DIR, with a new head (export_weights drops the old one unless
+      # --keep_head). Without --config.weights.path it stops with an error. Expect it to beat
+      # idrid224 if the synthetic features transfer.
+
 Trainable layers are one flag: `--config.trainable="('.*',)"` (everything),
 `--config.trainable="('classifier/.*',)"` (head only).
 """
@@ -37,7 +61,7 @@ def get_config(arg=None):
           'features/denseblock4/denselayer1[4-6]/.*',
       ),
       image_size=64, num_images=800, batch_size=16, num_steps=300, eval_every=100,
-      checkpoint_every=100)
+      checkpoint_every=100, variants=recipe.VARIANTS)
   if arg == 'smoke':
     # densenet_tiny has a single layer in denseblock4.
     config.trainable = ('classifier/.*', 'features/norm5/.*', 'features/denseblock4/.*')

@@ -3,6 +3,7 @@ r"""ResNet101, one of the paper's three compared backbones (section 2.3, Table 1
   python scripts/train.py --config configs/resnet.py             # default CPU run
   python scripts/train.py --config configs/resnet.py:smoke       # seconds, tiny model (tests)
   python scripts/train.py --config configs/resnet.py:paper --config.input.manual_dir=...
+  python scripts/train.py --config configs/resnet.py:study224    # Table 1 at 224 px (GPU)
 
 Recipe: ImageNet ResNet101 with a new 5-way `fc`; trainable are the last block
 containing convolutions (`layer4`) and `fc`, everything else frozen (frozen
@@ -14,6 +15,11 @@ Default run: the same data and schedule as configs/densenet.py (800 synthetic im
 (`weights.zero_init_residual`, torchvision's zero_init_residual), without which ResNet101
 does not learn in a few hundred steps. It costs about 2.5x DenseNet121's FLOPs per image.
 `:paper` is EyePACS at 224 px, batch 256 (see configs/densenet.py).
+
+`:study224` is configs/densenet.py:study224's data and schedule (8000 synthetic images at
+224 px, batch 32, 6000 steps, every layer from a random init, zero-initialised residual
+branches), for Table 1 at 224 px (configs/sweeps/paper224.py). Expect it near DenseNet121's
+kappa; it costs about 2.5x its time.
 """
 
 from drjax import recipe

@@ -87,6 +87,11 @@ TORCHVISION_FILENAMES.update({
 })
 
 VARIABLES_FILE = 'variables.msgpack'
+# `config.weights.path` of a config that only makes sense with given weights (a fine-tune
+# of an exported run, configs/densenet.py:transfer224): `resolve` refuses it with an error
+# that says what to pass, where an empty path would look up ImageNet weights or start from
+# a random init.
+REQUIRED_PATH = '<required>'
 _FORMAT = 'drjax.weights/1'
 # torch.hub's convention: the file name holds a prefix of the file's sha256.
 _HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')
@@ -525,6 +530,12 @@ def resolve(arch: str, explicit_path: PathLike | None = None, num_classes: int =
     (None, 'random_init: ...') when nothing was found.
   """
   finish = lambda v: _with_head(arch, v, num_classes, init_variables, rng)
+  if explicit_path is not None and os.fspath(explicit_path) == REQUIRED_PATH:
+    raise WeightsError(
+        f'config.weights.path is required by this config, which fine-tunes given weights: '
+        f'pass --config.weights.path=DIR, a weights directory of {arch} '
+        '(scripts/export_weights.py --workdir RUN --output DIR writes one from a finished run, '
+        'scripts/convert_weights.py from a torchvision checkpoint).')
   if explicit_path is not None:
     path = pathlib.Path(explicit_path).expanduser()
     if not path.exists():
@@ -563,3 +574,41 @@ def resolve(arch: str, explicit_path: PathLike | None = None, num_classes: int =
   logger.warning('!' * 78 + '\n!!! %s.\n!!! The backbone is RANDOMLY INITIALISED.\n' + '!' * 78,
                  reason)
   return None, f'random_init: {reason}'
+
+
+# ----------------------------------------------------------------------------
+# A finished run as a weights directory.
+
+
+def without_head(arch: str, variables: Variables) -> Variables:
+  """`variables` without the classification head, so that `resolve` gives them a fresh one."""
+  head_path = models.get_model(arch).head_path
+  params = traverse_util.flatten_dict(variables['params'])
+  params = {k: v for k, v in params.items() if k[:len(head_path)] != head_path}
+  return {**variables, 'params': traverse_util.unflatten_dict(params)}
+
+
+def export_run(workdir: PathLike, output: PathLike, *, keep_head: bool = False,
+               step: int | None = None) -> pathlib.Path:
+  """Writes a training run's variables as a weights directory that `config.weights.path` loads.
+
+  Args:
+    workdir: a run of `drjax.train.train_and_evaluate`.
+    output: the weights directory (created).
+    keep_head: keep the run's classification head. By default it is dropped, so that a
+      fine-tune from `output` starts with a new, freshly initialised head on the pretrained
+      trunk, as the paper's ImageNet recipe does.
+    step: checkpoint step; default the latest.
+
+  Returns:
+    The path of the written variables file.
+  """
+  from drjax import evaluate  # evaluate reads checkpoints (orbax), which `load` does not need
+
+  config, _, variables = evaluate.load_run(workdir, step=step)
+  variables = jax.tree.map(np.asarray, jax.device_get(
+      {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}))
+  if not keep_head:
+    variables = without_head(config.model, variables)
+  _check_structure(config.model, variables, f'the variables of {workdir}')
+  return save(variables, output, arch=config.model)

@@ -299,3 +299,34 @@ def test_resolve_nothing_found_warns(monkeypatch, caplog):
   assert source.startswith('random_init: no ImageNet weights for densenet121')
   assert 'RANDOMLY INITIALISED' in caplog.text
   assert 'densenet121-a639ec97.pth' in caplog.text
+
+
+# --------------------------------------------------------------------------
+# A config that needs weights, and a trunk without its head.
+
+
+def test_resolve_refuses_the_required_path_placeholder():
+  """configs/densenet.py:transfer224 without --config.weights.path: what to pass, no lookup."""
+  with pytest.raises(weights.WeightsError, match=r'--config.weights.path=DIR.*export_weights'):
+    weights.resolve(ARCH, weights.REQUIRED_PATH, download_fn=_no_download)
+
+
+def test_a_trunk_without_its_head_gets_a_new_head(torch_state, tmp_path):
+  # A run's variables: a trained 5-way head on the converted trunk.
+  variables = weights.from_torchvision(ARCH, torch_state, num_classes=1000)
+  variables['params']['classifier'] = {'kernel': np.full((9, 5), 2.0, np.float32),
+                                       'bias': np.ones(5, np.float32)}
+  trunk = weights.without_head(ARCH, variables)
+  assert 'classifier' not in trunk['params'] and 'classifier' in variables['params']
+  weights.save(trunk, tmp_path / 'trunk', arch=ARCH)
+  chex.assert_trees_all_equal(weights.load(ARCH, tmp_path / 'trunk'), trunk)
+  init = jax.device_get(models.init_variables(models.get_model(ARCH, num_classes=5),
+                                              jax.random.key(7)))
+  resolved, _ = weights.resolve(ARCH, tmp_path / 'trunk', num_classes=5, init_variables=init)
+  chex.assert_trees_all_equal(resolved['params']['classifier'], init['params']['classifier'])
+  chex.assert_trees_all_equal(resolved['params']['features'], variables['params']['features'])
+  chex.assert_trees_all_equal(resolved['batch_stats'], variables['batch_stats'])
+  # A head of the right size that was kept is used as it is.
+  weights.save(variables, tmp_path / 'whole', arch=ARCH)
+  resolved, _ = weights.resolve(ARCH, tmp_path / 'whole', num_classes=5, init_variables=init)
+  chex.assert_trees_all_equal(resolved['params']['classifier'], variables['params']['classifier'])
