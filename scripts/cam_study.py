@@ -6,9 +6,12 @@ r"""The lesion-localisation study: CAM method x layer x lesion type, and the are
 
 Several --workdir runs (DenseNet, ResNet, VGG) give one section each. Writes
 DIR/report.md (tables + conclusion computed from them), DIR/<arch>/results.json
-and DIR/<arch>/figure_grid.png. A smoke run (`python scripts/train.py --config
-configs/densenet.py:smoke --workdir RUN`) is enough to exercise it; its numbers
-then describe an untrained classifier, which the report says.
+and DIR/<arch>/figure_grid.png. The controls (on unless --controls=false) recompute
+every map with the head, then the layers above each stage, re-initialised (Adebayo et
+al. 2018's cascade) and for an untrained network, and report how much the maps
+change (rank correlation, SSIM) and how they localise. A smoke run (`python
+scripts/train.py --config configs/densenet.py:smoke --workdir RUN`) is enough to
+exercise it; its numbers then describe an untrained classifier, which the report says.
 """
 
 from absl import flags
@@ -26,6 +29,9 @@ flags.DEFINE_float('tolerance', None, 'Pointing-game tolerance in pixels of the 
                    '(default: 15 px at 224 px, scaled to the input size).')
 flags.DEFINE_integer('faithfulness_images', 4, 'Images for deletion/insertion (0: skip).')
 flags.DEFINE_integer('seed', 1000, 'First synthetic seed.')
+flags.DEFINE_bool('controls', True, 'Also the randomisation cascade (head, then the layers '
+                  'above each stage) and an untrained network, each scored like the trained '
+                  'model (--controls=false: skip; they recompute every map once per step).')
 flags.DEFINE_string('out', None, 'Output folder.', required=True)
 FLAGS = flags.FLAGS
 
@@ -36,7 +42,7 @@ def main(argv):
       FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, idrid_dir=FLAGS.idrid_dir,
       num_images=FLAGS.num_images, methods=FLAGS.methods, image_size=FLAGS.image_size,
       tolerance=FLAGS.tolerance, faithfulness_images=FLAGS.faithfulness_images,
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, controls=FLAGS.controls)
   print(f'report: {path}')
 
 

@@ -6,10 +6,12 @@ microaneurysm. The study measures it instead: every CAM method at several stages
 against lesion masks per lesion type, beside the area argument computed from the masks.
 
   examples  fundus images with lesion masks (synthetic, IDRiD, or one image's mask files)
-  study     one model: heatmaps at every stage, their scores, areas and faithfulness
+  study     one model: heatmaps at every stage, their scores, areas, faithfulness and controls
+  controls  the randomisation cascade (Adebayo et al. 2018) and map similarity
   report    the Markdown report, and `run_workdirs`, the study of several training runs
 """
 
+from drjax.cam_study import controls
 from drjax.cam_study.examples import (
     IMAGE_EXTENSIONS,
     LESION_TYPES,
@@ -24,6 +26,7 @@ from drjax.cam_study.report import (
     PAPER_TOLERANCE,
     area_markdown,
     conclusions,
+    controls_markdown,
     mass_lift_table,
     metric_table,
     run_workdirs,
@@ -37,6 +40,8 @@ from drjax.cam_study.study import (
     compute_heatmaps,
     faithfulness,
     layer_shapes,
+    predicted_classes,
+    run_controls,
     run_study,
     score_heatmaps,
     study_layers,
@@ -45,7 +50,8 @@ from drjax.cam_study.study import (
 __all__ = [
     'DEFAULT_METHODS', 'FUSION', 'IMAGE_EXTENSIONS', 'LESION_TYPES', 'PAPER_SIZE',
     'PAPER_TOLERANCE', 'Example', 'area_markdown', 'area_table', 'compute_heatmaps',
-    'conclusions', 'faithfulness', 'idrid_examples', 'layer_shapes', 'lesion_stats',
-    'load_examples', 'load_masks_for', 'mass_lift_table', 'metric_table', 'run_study',
-    'run_workdirs', 'score_heatmaps', 'study_layers', 'synthetic_examples', 'write_report',
+    'conclusions', 'controls', 'controls_markdown', 'faithfulness', 'idrid_examples',
+    'layer_shapes', 'lesion_stats', 'load_examples', 'load_masks_for', 'mass_lift_table',
+    'metric_table', 'predicted_classes', 'run_controls', 'run_study', 'run_workdirs',
+    'score_heatmaps', 'study_layers', 'synthetic_examples', 'write_report',
 ]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from drjax import cam_figures, evaluate
+from drjax.cam_study import controls as controls_lib
 from drjax.cam_study import examples as examples_lib
 from drjax.cam_study import study
 from drjax.cam_study.examples import LESION_TYPES, Example
@@ -18,6 +19,9 @@ from drjax.cam_study.examples import LESION_TYPES, Example
 PAPER_TOLERANCE = 15  # pointing-game tolerance in pixels at study.PAPER_SIZE
 # Grad-CAM's close variants stay in the tables but out of the figure, so that it stays readable.
 _LEFT_OUT_OF_FIGURE = ('hirescam@', 'xgradcam@', 'gradcam++@')
+# A map whose rank correlation with the trained one stays at or above this after the head is
+# re-initialised is reported as barely depending on the classifier (this report's threshold).
+_UNCHANGED_RHO = 0.5
 
 
 def _fmt(v, digits=3):
@@ -88,6 +92,100 @@ def area_markdown(result: dict) -> str:
   return '\n'.join(lines) + text
 
 
+def _step_label(name: str) -> str:
+  """How the report names a control step ('head', a stage, 'untrained')."""
+  if name == controls_lib.HEAD:
+    return 'after re-initialising the head'
+  if name == controls_lib.UNTRAINED:
+    return 'for an untrained network'
+  return f'after re-initialising the head down to {name}'
+
+
+def _step_column(name: str) -> str:
+  return {controls_lib.HEAD: 'head', controls_lib.UNTRAINED: 'untrained'}.get(name, f'to {name}')
+
+
+def controls_markdown(result: dict) -> str:
+  """The randomisation cascade and the untrained network: rank correlation with the trained
+  model's maps and pixel AUROC for any lesion, per 'method@layer'; then SSIM."""
+  steps, scores = result['controls']['steps'], result['scores']
+  reinit = '; '.join(f'{_step_column(s["name"])}: {", ".join(s["reinitialised"])} '
+                     f'({_pct(s["parameter_fraction"])} of the parameters)'
+                     for s in steps if s['name'] != controls_lib.UNTRAINED)
+  head = ['method @ layer', 'trained AUROC']
+  for s in steps:
+    head += [f'{_step_column(s["name"])}: rho', f'{_step_column(s["name"])}: AUROC']
+  lines = [f'Re-initialised, {reinit}; untrained: every parameter.', '',
+           '| ' + ' | '.join(head) + ' |', '|---|' + '---|' * (len(head) - 1)]
+  for key in scores:
+    row = [key, _fmt(scores[key]['any']['auroc'])]
+    for s in steps:
+      row += [_fmt(s['similarity'][key]['spearman'], 2), _fmt(s['scores'][key]['any']['auroc'])]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  lines += ['', 'SSIM between the trained and the controls\' maps (1 = the same map):', '',
+            '| method @ layer | ' + ' | '.join(_step_column(s['name']) for s in steps) + ' |',
+            '|---|' + '---|' * len(steps)]
+  lines += [f'| {key} | ' + ' | '.join(_fmt(s['similarity'][key]['ssim'], 2) for s in steps)
+            + ' |' for key in scores]
+  return '\n'.join(lines)
+
+
+def _setting_sentence(result: dict) -> list[str]:
+  """Input size, the default layer's grid and the classifier's kappa, as measured."""
+  default, shapes = result.get('default_layer'), result.get('layer_shapes') or {}
+  if 'image_size' not in result or default not in shapes:
+    return []
+  h, w = shapes[default]
+  kappa = ((result.get('model_info') or {}).get('metrics') or {}).get('kappa')
+  return [f'Setting: {result.get("arch", "the model")} at {result["image_size"]} px, where '
+          f'the {default} map is {h}x{w} (one cell = {_pct(1 / (h * w))} of the image); the '
+          f'classifier\'s validation kappa is {_fmt(kappa)}.']
+
+
+def _control_sentences(result: dict) -> list[str]:
+  """What the randomisation cascade and the untrained network did to the maps."""
+  if not (result.get('controls') or {}).get('steps'):
+    return []
+  steps, scores = result['controls']['steps'], result['scores']
+  out = []
+  default = f'gradcam@{result["default_layer"]}'
+  if default in scores:
+    parts = [f'{_fmt(s["scores"][default]["any"]["auroc"])} {_step_label(s["name"])} '
+             f'({_rho_words(s["similarity"][default]["spearman"])})' for s in steps]
+    out.append(f'Grad-CAM@{result["default_layer"]}, any lesion: pixel AUROC '
+               f'{_fmt(scores[default]["any"]["auroc"])} for the trained model, '
+               + ', '.join(parts) + '.')
+  head = next((s for s in steps if s['name'] == controls_lib.HEAD), None)
+  if head:
+    kept = {k: v['spearman'] for k, v in head['similarity'].items()
+            if v['spearman'] >= _UNCHANGED_RHO}
+    out.append(
+        f'After re-initialising the head, these maps keep a rank correlation of at least '
+        f'{_UNCHANGED_RHO} with the trained ones, so they depend little on what the classifier '
+        'learned: ' + ', '.join(f'{k} ({_fmt(v, 2)})' for k, v in kept.items()) + '.' if kept
+        else f'Every map\'s rank correlation with the trained one falls below {_UNCHANGED_RHO} '
+        'when the head is re-initialised: all of them depend on the learned classifier.')
+  untrained = steps[-1]
+  if untrained['name'] == controls_lib.UNTRAINED:
+    auroc = {k: (scores[k]['any']['auroc'], untrained['scores'][k]['any']['auroc'])
+             for k in scores}
+    better = [k for k, (t, u) in auroc.items() if t > u]
+    worse = [k for k in auroc if k not in better]
+    # Name the smaller group, so that the sentence stays short.
+    named = (f': {", ".join(better)}' if len(better) <= len(worse)
+             else f'; not for {", ".join(worse)}')
+    out.append(f'The trained model\'s maps localise lesions better than the untrained '
+               f'network\'s (pixel AUROC, any lesion) for {len(better)} of {len(auroc)} '
+               f'method@layer' + (named if better and worse else '') + '.')
+  return out
+
+
+def _rho_words(rho: float) -> str:
+  if np.isnan(rho):
+    return 'rank correlation undefined: constant maps'
+  return f'rank correlation {_fmt(rho, 2)} with the trained maps'
+
+
 def _verdict(auroc: float, lift: float) -> str:
   if np.isnan(auroc):
     return 'no data'
@@ -138,7 +236,7 @@ def conclusions(result: dict) -> list[str]:
   scores, layers = result['scores'], result['layers']
   default = f'gradcam@{result["default_layer"]}'
   types = [t for t in _present_types(result) if t != 'any']
-  out = []
+  out = _setting_sentence(result)
   if default in scores:
     out += _default_setting_sentences(scores, default, types)
     out += _layer_sentences(scores, layers, types)
@@ -148,7 +246,7 @@ def conclusions(result: dict) -> list[str]:
     if row and row['lesions'] and f'lesion_per_cell_{coarse}' in row:
       out.append(f'Area: a median {t} lesion covers {_pct(row["lesion_fraction"])} of the image, '
                  f'{_pct(row[f"lesion_per_cell_{coarse}"])} of one {coarse} cell.')
-  return out
+  return out + _control_sentences(result)
 
 
 def _write_figure(heatmaps: dict[str, np.ndarray], examples: Sequence[Example], path: str,
@@ -170,7 +268,9 @@ def _summary_lines(result: dict, title: str) -> list[str]:
            f'{info.get("dataset", "?")}. Stages: '
            + ', '.join(f'{k} {v[0]}x{v[1]}' for k, v in result['layer_shapes'].items()) + '.']
   if info.get('metrics'):
-    lines += ['', f'Classifier on its own validation split: {info["metrics"]}.']
+    names = dict(kappa='validation kappa', accuracy='accuracy', referable_auc='referable AUC')
+    lines += ['', 'Classifier on its own validation split: ' + ', '.join(
+        f'{names.get(k, k)} {_fmt(v)}' for k, v in info['metrics'].items()) + '.']
   if info.get('note'):
     lines += ['', f'**Note:** {info["note"]}']
   return lines
@@ -192,6 +292,14 @@ def _table_lines(result: dict) -> list[str]:
     lines += [f'| {k} | {_fmt(v["deletion_auc"])} | {_fmt(v["insertion_auc"])} |'
               for k, v in result['faithfulness'].items()]
     lines.append('')
+  if (result.get('controls') or {}).get('steps'):
+    lines += ['## Controls: randomised layers (Adebayo et al. 2018) and an untrained network', '',
+              'Each map is recomputed for the trained model\'s predicted grade after '
+              're-initialising the layers above a stage with fresh random values, cascading from '
+              'the head down, and for the same architecture with every parameter at its random '
+              'init. rho: Spearman rank correlation of its pixels with the trained model\'s map '
+              '(mean over images; a map that does not change does not explain the model); '
+              'AUROC: pixel AUROC for any lesion.', '', controls_markdown(result), '']
   return lines
 
 
@@ -240,20 +348,23 @@ _HEADER = ['# CAM lesion-localisation study', '',
            'Does Grad-CAM on the last dense block localise DR lesions (paper, Sec. 3.2)? '
            'Each heatmap is scored against lesion masks (drjax.localize): pixel AUROC and '
            'average precision of the heatmap as a lesion-pixel classifier, relevance mass '
-           'inside the lesions relative to a uniform map, and the pointing game. '
-           'Generated by scripts/cam_study.py.', '']
+           'inside the lesions relative to a uniform map, and the pointing game. Controls: '
+           'the model-parameter randomisation test (Adebayo et al. 2018) and an untrained '
+           'network. Generated by scripts/cam_study.py.', '']
 
 
 def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_fundus',
                  idrid_dir: str | None = None, num_images: int = 16,
                  methods: Sequence[str] = study.DEFAULT_METHODS, image_size: int | None = None,
                  tolerance: float | None = None, faithfulness_images: int = 4,
-                 seed: int = 1000, stats_size: int = 1024) -> pathlib.Path:
+                 seed: int = 1000, stats_size: int = 1024,
+                 controls: bool = True) -> pathlib.Path:
   """The study for each run in `workdirs`; one report.md with a section per run.
 
   `tolerance` is the pointing game's, in pixels of the study's input; None scales
   15 px at the paper's 224 px to it, so that a hit means the same fraction of the
-  fundus at any size.
+  fundus at any size. `controls` runs the randomisation cascade and the untrained network
+  (`study.run_controls`).
   """
   out_dir = pathlib.Path(out_dir)
   sections = []
@@ -267,7 +378,8 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
     tol = PAPER_TOLERANCE * size / study.PAPER_SIZE if tolerance is None else tolerance
     run = study.run_study(model, variables, examples, arch=config.model, methods=methods,
                           tolerance=round(tol, 1), faithfulness_images=faithfulness_images,
-                          model_info=_model_info(pathlib.Path(workdir), config, dataset))
+                          model_info=_model_info(pathlib.Path(workdir), config, dataset),
+                          controls=controls)
     path = write_report(run['result'], run['heatmaps'], examples, out_dir / config.model,
                         title=f'{config.model} on {dataset}')
     # One level down in the combined report, its figure one folder down.

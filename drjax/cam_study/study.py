@@ -11,12 +11,16 @@ import numpy as np
 
 from drjax import evaluate, gradcam, localize
 from drjax import mesh as mesh_lib
+from drjax.cam_study import controls as controls_lib
 from drjax.cam_study.examples import LESION_TYPES, Example
 from drjax.models import common
 
 DEFAULT_METHODS = ('gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam')
 FUSION = 'fusion'
 PAPER_SIZE = 224  # the paper's input size (its 7x7 denseblock4 map)
+# The controls' fresh init: not key 0, which the training runs' and the tests' inits use, so
+# that an untrained model under study is not "re-initialised" to itself.
+CONTROLS_SEED = 1
 
 
 def study_layers(model) -> tuple[str, ...]:
@@ -138,11 +142,57 @@ def faithfulness(model, variables, examples: Sequence[Example], heatmaps: dict[s
   return out
 
 
+def predicted_classes(model, variables, images_uint8: np.ndarray,
+                      batch_size: int = 8) -> np.ndarray:
+  """The model's predicted grade of each image, `[N]` int."""
+  apply = jax.jit(functools.partial(evaluate.predict_probs, model, variables))
+  out = []
+  for i in range(0, len(images_uint8), batch_size):
+    probs = apply(common.normalize(images_uint8[i:i + batch_size]))
+    out.append(np.argmax(np.asarray(probs), -1))
+  return np.concatenate(out)
+
+
+def run_controls(model, variables, examples: Sequence[Example], heatmaps: dict[str, np.ndarray],
+                 *, layers: Sequence[str], methods: Sequence[str], tolerance: float,
+                 seed: int = CONTROLS_SEED) -> dict:
+  """The randomisation cascade and the untrained network, scored like the trained model.
+
+  Every map explains the trained model's predicted grade, so that the parameters are the only
+  thing that changes. `heatmaps` are the trained model's maps (`compute_heatmaps`).
+
+  Returns:
+    dict(seed, steps=[dict(name, reinitialised (parameter subtrees), parameter_fraction,
+    similarity ('method@layer' -> spearman, ssim, n), scores (as `score_heatmaps`))], with the
+    untrained network last, named 'untrained').
+  """
+  images = np.stack([e.image for e in examples])
+  size = images.shape[1]
+  targets = predicted_classes(model, variables, images)
+  fresh = controls_lib.fresh_variables(model, size, seed)
+  steps = controls_lib.cascade(model, variables, layers, size)
+  steps.append(controls_lib.Step(controls_lib.UNTRAINED, controls_lib.every_leaf(fresh)))
+  out = []
+  for step in steps:
+    randomised = controls_lib.reinitialise(jax.device_get(variables), fresh, step.leaves)
+    maps = compute_heatmaps(model, randomised, images, layers, methods, targets=targets)
+    out.append(dict(
+        name=step.name, reinitialised=controls_lib.describe(fresh['params'], step.leaves),
+        parameter_fraction=controls_lib.parameter_fraction(fresh['params'], step.leaves),
+        similarity=controls_lib.similarity(heatmaps, maps),
+        scores=score_heatmaps(maps, examples, tolerance)))
+  return dict(seed=seed, target='the trained model\'s predicted grade', steps=out)
+
+
 def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
               methods: Sequence[str] = DEFAULT_METHODS, layers: Sequence[str] | None = None,
               tolerance: float = 15, faithfulness_images: int = 4,
-              model_info: dict | None = None) -> dict:
-  """Heatmaps, localisation scores, area argument and faithfulness of one model.
+              model_info: dict | None = None, controls: bool = True,
+              controls_seed: int = CONTROLS_SEED) -> dict:
+  """Heatmaps, localisation scores, area argument, faithfulness and controls of one model.
+
+  `controls` adds `run_controls` (the randomisation cascade and the untrained network), which
+  recomputes every map once per step.
 
   Returns:
     dict(result=the JSON-able numbers `drjax.cam_study.report` writes up,
@@ -163,4 +213,7 @@ def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
       areas=area_table(examples, shapes), model_info=model_info or {},
       faithfulness=(faithfulness(model, variables, examples, heatmaps, faithfulness_images)
                     if faithfulness_images else {}))
+  if controls:
+    result['controls'] = run_controls(model, variables, examples, heatmaps, layers=layers,
+                                      methods=methods, tolerance=tolerance, seed=controls_seed)
   return dict(result=result, heatmaps=heatmaps)
