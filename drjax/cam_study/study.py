@@ -145,10 +145,11 @@ def faithfulness(model, variables, examples: Sequence[Example], heatmaps: dict[s
 def predicted_classes(model, variables, images_uint8: np.ndarray,
                       batch_size: int = 8) -> np.ndarray:
   """The model's predicted grade of each image, `[N]` int."""
-  apply = jax.jit(functools.partial(evaluate.predict_probs, model, variables))
+  # The variables are an argument, not constants folded into the compiled program.
+  apply = jax.jit(functools.partial(evaluate.predict_probs, model))
   out = []
   for i in range(0, len(images_uint8), batch_size):
-    probs = apply(common.normalize(images_uint8[i:i + batch_size]))
+    probs = apply(variables, common.normalize(images_uint8[i:i + batch_size]))
     out.append(np.argmax(np.asarray(probs), -1))
   return np.concatenate(out)
 
