@@ -276,6 +276,14 @@ def gather_rows(x: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
+def collective_failed(e: BaseException) -> bool:
+  """Whether `e` is a failed collective, which in a multi-process run means a lost peer."""
+  # Host-side collectives (multihost_utils over gloo) raise a plain ValueError.
+  return isinstance(e, jax.errors.JaxRuntimeError) or (
+      isinstance(e, (ValueError, RuntimeError))
+      and any(m in str(e) for m in ('Gloo', 'gloo', 'Connection closed by peer')))
+
+
 @contextlib.contextmanager
 def peer_failure_context() -> Iterator[None]:
   """Makes an error in one process of a multi-process run end it promptly and clearly.
@@ -294,7 +302,7 @@ def peer_failure_context() -> Iterator[None]:
     if not jax.distributed.is_initialized() or isinstance(e, SystemExit) and not e.code:
       raise
     rank = f'process {jax.process_index()} of {jax.process_count()}'
-    if isinstance(e, jax.errors.JaxRuntimeError):
+    if collective_failed(e):
       headline = (f'drjax: a collective failed on {rank}: another process probably died or '
                   'lost its network connection; see its log for the first error.')
     else:

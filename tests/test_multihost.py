@@ -204,3 +204,12 @@ def test_single_process_helpers_are_identities():
   np.testing.assert_array_equal(distributed.gather_rows(np.arange(3)), np.arange(3))
   ids = [d.id for d in distributed.global_devices()]
   assert ids == sorted(ids)
+
+
+def test_a_failed_host_collective_is_reported_as_a_lost_peer():
+  # What multihost_utils raised when its peer was killed during an all-gather.
+  lost = ValueError('UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/'
+                    'pair.cc:547] Connection closed by peer [127.0.0.1]:58033')
+  assert distributed.collective_failed(lost)
+  assert not distributed.collective_failed(ValueError('config.batch_size must be positive'))
+  assert not distributed.collective_failed(KeyboardInterrupt())
