@@ -261,11 +261,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     _write_config(config, workdir)
     mesh = mesh_lib.make_mesh()
     _check_batch_sizes(config, mesh)
-    # Process 0 builds the dataset on the shared disk, then the others read it.
-    ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
     manager = checkpoint.make_manager(workdir / 'checkpoints',
                                       max_to_keep=config.keep_checkpoints)
     try:
+      if manager.latest_step() is None:
+        _check_weights_path(config)
+      # Process 0 builds the dataset on the shared disk, then the others read it.
+      ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
       run = _start(config, workdir, mesh, manager)
       state = _train(config, run, ds, mesh, workdir, manager)
     finally:
@@ -307,6 +309,14 @@ def _check_batch_sizes(config: mlc.ConfigDict, mesh: Mesh) -> None:
     if config[name] % num_devices:
       raise errors.ConfigError(f'config.{name}={config[name]} is not divisible by the '
                                f'{num_devices} devices it is sharded over.')
+
+
+def _check_weights_path(config: mlc.ConfigDict) -> None:
+  """Fails on configured weights that do not exist before the dataset build, which can be long."""
+  from drjax import weights
+
+  if config.weights.pretrained and config.weights.path:
+    weights.check_path(config.model, config.weights.path)
 
 
 def _init_variables(config: mlc.ConfigDict, model: nn.Module) -> PyTree:

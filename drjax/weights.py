@@ -508,6 +508,20 @@ def _load_any(arch: str, path: pathlib.Path) -> Variables:
   return from_torchvision(arch, read_state_dict(path), num_classes=1000)
 
 
+def check_path(arch: str, explicit_path: PathLike) -> pathlib.Path:
+  """`explicit_path` as a path that exists; raises for `REQUIRED_PATH` and missing paths."""
+  if os.fspath(explicit_path) == REQUIRED_PATH:
+    raise WeightsError(
+        f'config.weights.path is required by this config, which fine-tunes given weights: '
+        f'pass --config.weights.path=DIR, a weights directory of {arch} '
+        '(scripts/export_weights.py --workdir RUN --output DIR writes one from a finished run, '
+        'scripts/convert_weights.py from a torchvision checkpoint).')
+  path = pathlib.Path(explicit_path).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f'Configured weights {path} do not exist.')
+  return path
+
+
 def resolve(arch: str, explicit_path: PathLike | None = None, num_classes: int = 5, *,
             init_variables: Variables | None = None, rng: jax.Array | None = None,
             download_fn: DownloadFn | None = download) -> tuple[Variables | None, str]:
@@ -530,16 +544,8 @@ def resolve(arch: str, explicit_path: PathLike | None = None, num_classes: int =
     (None, 'random_init: ...') when nothing was found.
   """
   finish = lambda v: _with_head(arch, v, num_classes, init_variables, rng)
-  if explicit_path is not None and os.fspath(explicit_path) == REQUIRED_PATH:
-    raise WeightsError(
-        f'config.weights.path is required by this config, which fine-tunes given weights: '
-        f'pass --config.weights.path=DIR, a weights directory of {arch} '
-        '(scripts/export_weights.py --workdir RUN --output DIR writes one from a finished run, '
-        'scripts/convert_weights.py from a torchvision checkpoint).')
   if explicit_path is not None:
-    path = pathlib.Path(explicit_path).expanduser()
-    if not path.exists():
-      raise FileNotFoundError(f'Configured weights {path} do not exist.')
+    path = check_path(arch, explicit_path)
     return finish(_load_any(arch, path)), f'explicit:{path}'
 
   cached = cache_dir() / arch

@@ -2,6 +2,7 @@
 learning, mixed precision, and the random-init policy."""
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -269,3 +270,27 @@ def test_metric_writer_replays_a_resumed_run_from_its_checkpoint(tmp_path):
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   assert rows[-1]['train_loss'] == 0.5 and rows[1]['train_loss'] == 0.5
   assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+@pytest.mark.parametrize('path, error', [(None, 'weights.path is required'),
+                                         ('missing_weights', 'do not exist')])
+def test_unusable_weights_path_fails_before_the_dataset_is_built(tmp_path, monkeypatch, path,
+                                                                 error):
+  from ml_collections.config_flags import config_flags
+
+  from drjax import weights
+  from drjax.data import pipeline
+
+  def build(_):
+    raise AssertionError('the dataset was built before the weights were checked')
+
+  monkeypatch.setattr(pipeline, 'get_dataset', build)
+  configs = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  config = config_flags._LoadConfigModule('densenet_config', str(configs / 'densenet.py')
+                                          ).get_config('transfer224')
+  if path is not None:
+    config.weights.path = str(tmp_path / path)
+  with pytest.raises((weights.WeightsError, FileNotFoundError), match=error):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or \
+      not any((tmp_path / 'run' / 'checkpoints').iterdir())
