@@ -111,11 +111,11 @@ def test_methods_at_one_layer_share_one_core_program(toy):
   # shape; each method adds only its small map program.
   model, variables, images = toy
   images = jax.image.resize(images[:2], (2, 36, 36, 3), 'bilinear')  # compiled by no other test
-  before = gradcam._acts_and_grads._cache_size()
+  before = gradcam.core.acts_and_grads._cache_size()
   for name in gradcam.CAM_MAPS:
     gradcam.METHODS[name](model, variables, images)
     gradcam.METHODS[name](model, variables, images, raw=True)
-  assert gradcam._acts_and_grads._cache_size() == before + 1
+  assert gradcam.core.acts_and_grads._cache_size() == before + 1
 
 
 def test_method_formulas_on_hand_computed_arrays():
@@ -192,7 +192,7 @@ def test_image_size_and_layout(toy):
       gradcam.layercam_fusion(*(gradcam.activations_and_grads(
           model, variables, big, layer=gradcam.default_fusion_layers(model),
           image_size=SIZE)[k] for k in ('acts', 'grads')), (40, 40)), atol=1e-6)
-  with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
+  with pytest.raises(ValueError, match=r'\[B, H, W, C\] \(channels last\)'):
     gradcam.gradcam(model, variables, jnp.moveaxis(images, -1, 1))
   # uint8 images are normalised on the way in.
   u8 = jnp.full((1, SIZE, SIZE, 3), 128, jnp.uint8)
@@ -255,12 +255,12 @@ def test_gradcam_costs_about_one_forward_pass(toy):
   forward = _flops(lambda v, x: model.apply(v, x, train=False), variables, images)
 
   def core(layer):
-    return _flops(lambda v, x: gradcam._acts_and_grads(
+    return _flops(lambda v, x: gradcam.core.acts_and_grads(
         model, v, x, cls, layers=(layer,), target_fn=gradcam.class_score)[1],
         variables, images)
 
   last, first = core('stage2'), core('stem')
-  input_grad = _flops(lambda v, x: gradcam._input_grads(
+  input_grad = _flops(lambda v, x: gradcam.pixel._input_grads(
       model, v, x, cls, target_fn=gradcam.class_score)[0], variables, images)
   assert last < 1.25 * forward, (last, forward)
   assert first > 1.5 * forward, (first, forward)

@@ -142,6 +142,25 @@ def test_linen_setup_submodule_matches_grad_cam_by_hand(setup_net):
       images, apply_kwargs=EVAL)
 
 
+def test_grayscale_model_any_channel_count():
+  # A model of one-channel images (no ImageNet normalisation): taken as they are.
+  model = SetupNet()
+  images = jax.random.normal(jax.random.PRNGKey(2), (3, SIZE, SIZE, 1))
+  variables = _with_running_stats(model.init(jax.random.PRNGKey(0), images))
+  _check_against_hand(
+      model, variables, 'stage2',
+      lambda x: model.apply(variables, x, method=SetupNet.features),
+      lambda a: model.apply(variables, a, method=SetupNet.classify),
+      images, apply_kwargs=EVAL)
+  for method in (gradcam.gradients, gradcam.integrated_gradients):
+    chex.assert_shape(method(model, variables, images, apply_kwargs=EVAL), (3, SIZE, SIZE))
+  resized = gradcam.gradcam(model, variables, images, layer='stage2', image_size=2 * SIZE,
+                            apply_kwargs=EVAL)
+  chex.assert_shape(resized, (3, SIZE, SIZE))
+  with pytest.raises(ValueError, match='uint8 images are ImageNet-normalised'):
+    gradcam.gradcam(model, variables, np.zeros((3, SIZE, SIZE, 1), np.uint8), layer='stage2')
+
+
 def _block(variables, name, features):
   """`backbone/<name>` applied on its own, with its own variables."""
   own = {c: tree['backbone'][name] for c, tree in variables.items()}
