@@ -81,7 +81,7 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
   c.frozen_bn_inference = True
   c.mixed_precision = 'float32'  # or 'bfloat16': bf16 compute, float32 master weights
   # The XLA:CPU convolutions (drjax.kernels.cpu_conv) when running on a CPU, where they train
-  # 1.3-2.2x faster at 224 px (benchmarks/README.md); ignored on other backends.
+  # faster at 224 px (benchmarks/README.md); ignored on other backends.
   c.cpu_conv = True
 
   c.weights = mlc.ConfigDict()
