@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from drjax import metrics, plots, sweep
+from drjax import errors, metrics, plots, sweep
 
 DISPLAY_NAMES = {
     'densenet121': 'DenseNet121', 'densenet161': 'DenseNet161', 'densenet169': 'DenseNet169',
@@ -124,7 +124,7 @@ def compare(workdirs: Sequence[str], out_dir: str, smoothing: float = 0.6,
     missing=list of workdirs without metrics.json).
   """
   if not workdirs:
-    raise ValueError('no run workdirs to compare')
+    raise errors.ConfigError('no run workdirs to compare')
   runs = load_runs(workdirs)
   os.makedirs(out_dir, exist_ok=True)
   text = table1(runs, threshold_grade)

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
+from drjax import errors
+
 T = TypeVar('T')
 
 # JAX's own defaults; a dead peer is noticed after HEARTBEAT_TIMEOUT seconds.
@@ -74,7 +76,7 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
   try:
     return int(value)
   except ValueError as e:
-    raise ValueError(f'{name}={value!r} is not an integer') from e
+    raise errors.ConfigError(f'{name}={value!r} is not an integer') from e
 
 
 def _cluster_task_count(environ: Mapping[str, str]) -> tuple[str | None, int]:
@@ -109,16 +111,16 @@ def resolve_launch(coordinator_address: str | None = None, num_processes: int | 
   if process_id is None:
     process_id = _env_int(environ, ENV_PROCESS_ID)
   if num_processes is not None and num_processes < 1:
-    raise ValueError(f'num_processes must be >= 1, got {num_processes}')
+    raise errors.ConfigError(f'num_processes must be >= 1, got {num_processes}')
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f'process_id must be in [0, {num_processes}), got {process_id}')
+    raise errors.ConfigError(f'process_id must be in [0, {num_processes}), got {process_id}')
   if num_processes == 1:
     return Launch(coordinator_address, 1, process_id, None)
   if (num_processes or 0) > 1 or coordinator_address is not None:
     if num_processes is not None and coordinator_address is None and \
         _cluster_task_count(environ)[0] is None:
-      raise ValueError(f'num_processes={num_processes} needs --coordinator_address host:port '
-                       f'(or {ENV_COORDINATOR}) outside Slurm/Open MPI.')
+      raise errors.ConfigError(f'num_processes={num_processes} needs --coordinator_address '
+                               f'host:port (or {ENV_COORDINATOR}) outside Slurm/Open MPI.')
     return Launch(coordinator_address, num_processes, process_id, 'flags')
   launcher, tasks = _cluster_task_count(environ)
   if tasks > 1:
@@ -157,7 +159,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     RuntimeError: the processes could not connect (the message says what to check).
   """
   if mode not in _MODES:
-    raise ValueError(f'mode must be one of {_MODES}, got {mode!r}')
+    raise errors.ConfigError(f'mode must be one of {_MODES}, got {mode!r}')
   if jax.distributed.is_initialized():
     return True
   if mode == 'off':

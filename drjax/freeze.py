@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from drjax import errors
+
 TRAINABLE = 'trainable'
 FROZEN = 'frozen'
 
@@ -74,13 +76,13 @@ def make_labels(params: PyTree, rules: Sequence[tuple[str, str]],
 
   labels = jax.tree_util.tree_map_with_path(label_of, params)
   if unmatched:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{len(unmatched)} parameter(s) match none of the patterns '
         f'{[r for r, _ in rules]}: {unmatched[:20]}')
   unused = [p for p in check_unused if p not in used]
   if unused:
     examples = param_paths(params)
-    raise ValueError(
+    raise errors.ConfigError(
         f'pattern(s) {unused} match no parameter. Paths look like: '
         f'{examples[:3]} ... {examples[-3:]}')
   return labels

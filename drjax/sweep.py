@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent import futures
 
-from drjax import metrics
+from drjax import errors, metrics
 
 METRICS_JSON = 'metrics.json'
 METRICS_JSONL = 'metrics.jsonl'
@@ -72,12 +72,12 @@ def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
     key, sep, values = spec.partition('=')
     key = key.strip().lstrip('-')
     if not sep or not key:
-      raise ValueError(f'grid axis {spec!r} is not of the form key=value1,value2,...')
+      raise errors.ConfigError(f'grid axis {spec!r} is not of the form key=value1,value2,...')
     if key in dict(axes):
-      raise ValueError(f'grid axis {key!r} given twice')
+      raise errors.ConfigError(f'grid axis {key!r} given twice')
     values = split_values(values)
     if any(v == '' for v in values):
-      raise ValueError(f'grid axis {spec!r} has an empty value')
+      raise errors.ConfigError(f'grid axis {spec!r} has an empty value')
     axes.append((key, values))
   return axes
 
@@ -93,14 +93,14 @@ def load_sweep_file(path: str | os.PathLike) -> list[dict[str, str]]:
   """Override dicts from a sweep file defining `get_sweep() -> list[dict]`."""
   spec = importlib.util.spec_from_file_location('drjax_sweep_def', os.fspath(path))
   if spec is None or spec.loader is None:
-    raise ValueError(f'cannot load sweep file {path}')
+    raise errors.ConfigError(f'cannot load sweep file {path}')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_sweep'):
-    raise ValueError(f'sweep file {path} defines no get_sweep()')
+    raise errors.ConfigError(f'sweep file {path} defines no get_sweep()')
   runs = module.get_sweep()
   if not runs or not all(isinstance(r, Mapping) for r in runs):
-    raise ValueError(f'{path}: get_sweep() must return a non-empty list of dicts')
+    raise errors.ConfigError(f'{path}: get_sweep() must return a non-empty list of dicts')
   return [{str(k): _flag_value(v) for k, v in r.items()} for r in runs]
 
 
@@ -178,7 +178,7 @@ def plan(runs: Sequence[Mapping[str, str]], root: str | os.PathLike) -> list[Run
   """Names and workdirs for a list of override dicts (each must set `config`)."""
   for r in runs:
     if 'config' not in r:
-      raise ValueError(f'run {dict(r)} sets no config=...: add a config axis to the grid')
+      raise errors.ConfigError(f'run {dict(r)} sets no config=...: add a config axis to the grid')
   return [Run(name=n, overrides=dict(r), workdir=os.path.join(os.fspath(root), n))
           for n, r in zip(run_names(runs), runs, strict=True)]
 

@@ -8,9 +8,10 @@ SE white, NV magenta).
 """
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image, ImageDraw
 
+from drjax import runtime
 from drjax.data import synthetic
 
 _OUTPUT = flags.DEFINE_string('output', 'docs/synthetic_grid.png', 'PNG to write.')
@@ -100,4 +101,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

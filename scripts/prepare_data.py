@@ -8,14 +8,13 @@ r"""Builds one of drjax's tfds datasets (ArrayRecord, no TensorFlow needed).
 
 Bad files are skipped; the summary is printed at the end and written as
 build_report_<split>.json beside the data. A missing or empty --manual_dir, or nothing usable
-in it, is one ERROR line on stderr (followed by the download instructions or the skip
+in it, is one `error:` line on stderr (followed by the download instructions or the skip
 summary) and exit status 1.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
+from drjax import runtime
 from drjax.data import builders
 
 _DATASET = flags.DEFINE_enum('dataset', None, sorted(builders.BUILDERS), 'Dataset to build.')
@@ -46,13 +45,8 @@ def main(argv):
                    image_format=_IMAGE_FORMAT.value, limit=_LIMIT.value)
     if name == 'idrid':
       options['task'] = _IDRID_TASK.value
-  try:
-    builder = builders.prepare(name, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
-                               num_workers=_NUM_WORKERS.value, **options)
-  except builders.NoUsableDataError as e:
-    # The user's files, not the code, are at fault: no traceback.
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+  builder = builders.prepare(name, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
+                             num_workers=_NUM_WORKERS.value, **options)
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f'{builder.info.full_name} at {builder.data_dir}: {splits}')
   for split in splits:
@@ -63,4 +57,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('dataset')
-  app.run(main)
+  runtime.run(main)

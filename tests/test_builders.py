@@ -376,7 +376,7 @@ def _prepare_data(*args) -> subprocess.CompletedProcess:
 
 
 def _error_lines(stderr: str) -> list[str]:
-  return [line for line in stderr.splitlines() if 'ERROR: ' in line]
+  return [line for line in stderr.splitlines() if line.startswith('error: ')]
 
 
 def test_prepare_data_script(tmp_path):
@@ -388,7 +388,7 @@ def test_prepare_data_script(tmp_path):
   bad = _prepare_data('--dataset=aptos2019', f'--manual_dir={root}', '--image_size=32',
                       '--num_workers=1', f'--data_dir={tmp_path}')
   assert bad.returncode == 1
-  assert [line.split('ERROR: ')[1] for line in _error_lines(bad.stderr)] == [
+  assert [line.split('error: ')[1] for line in _error_lines(bad.stderr)] == [
       'No usable examples in aptos2019 train.']
   # The skip summary follows the error, once.
   assert bad.stderr.count('cannot decode image') == 1
@@ -403,7 +403,7 @@ def test_prepare_data_script_reports_user_errors_in_one_line(tmp_path):
                         f'--data_dir={tmp_path / "tfds"}')
     assert out.returncode == 1
     assert _error_lines(out.stderr) == [
-        f'ERROR: idrid: manual_dir {manual_dir} does not exist or is empty.']
+        f'error: idrid: manual_dir {manual_dir} does not exist or is empty.']
     assert out.stderr.count('does not exist or is empty') == 1
     assert 'Download IDRiD from' in out.stderr and 'Traceback' not in out.stderr
   unknown = _prepare_data('--dataset=idrid', '--no_such_option=1')

@@ -72,6 +72,27 @@ def test_evaluate_script_writes_metrics(smoke_run):
   assert 'kappa=' in result.stdout
 
 
+@pytest.mark.parametrize('override, message', [
+    ('--config.model=densenet12', "Unknown model 'densenet12'"),
+    ("--config.trainable=('features/no_such_block/.*',)", 'match no parameter'),
+    ('--config.input.class_weights=(1.0, 1.0)', 'cannot weight labels'),
+])
+def test_train_script_reports_a_bad_config_value_in_one_line(smoke_run, tmp_path, override,
+                                                             message):
+  _, tmp, _ = smoke_run  # its dataset, already built
+  env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'scripts' / 'train.py'), '--config',
+       str(REPO / 'configs' / 'densenet.py:smoke'), '--workdir', str(tmp_path / 'run'),
+       f'--config.input.data_dir={tmp / "tfds"}', '--config.weights.random_init_trains_all=false',
+       override],
+      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+
+
 def test_train_script_refuses_a_workdir_in_use(tmp_path):
   workdir = tmp_path / 'run'
   with train.workdir_lock(workdir):

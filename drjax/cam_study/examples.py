@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
+from drjax import errors
 from drjax.data import images as dimages
 from drjax.data import synthetic
 
@@ -121,9 +122,9 @@ def load_examples(dataset: str, num_images: int, image_size: int, *, seed: int =
     return synthetic_examples(num_images, image_size, seed, stats_size)
   if dataset == 'idrid':
     if idrid_dir is None:
-      raise ValueError('--idrid_dir is required for dataset idrid')
+      raise errors.ConfigError('--idrid_dir is required for dataset idrid')
     return idrid_examples(idrid_dir, num_images, image_size, btgraham)
-  raise ValueError(f'Unknown dataset {dataset!r}; expected synthetic_fundus or idrid')
+  raise errors.ConfigError(f'Unknown dataset {dataset!r}; expected synthetic_fundus or idrid')
 
 
 def load_masks_for(stem: str, masks_dir: pathlib.Path, box, decoded,

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
+from drjax import errors
+
 AugmentFn = Callable[..., tuple[jax.Array, jax.Array | None]]
 
 _FIELDS = ('rotation_deg', 'translate_frac', 'hflip', 'vflip', 'grayscale_prob', 'brightness',
@@ -64,13 +66,13 @@ def _fields(config: mlc.ConfigDict) -> dict:
   """The augmentation fields of `config` (missing ones off); raises on unknown or bad ones."""
   unknown = set(config.keys()) - set(_FIELDS)
   if unknown:
-    raise ValueError(f'unknown augmentation fields {sorted(unknown)}; known: {_FIELDS}')
+    raise errors.ConfigError(f'unknown augmentation fields {sorted(unknown)}; known: {_FIELDS}')
   cfg = {k: config.get(k, 0) for k in _FIELDS}
   if not 0 <= cfg['hue'] <= 0.5:
-    raise ValueError(f"hue must be in [0, 0.5], got {cfg['hue']}")
+    raise errors.ConfigError(f"hue must be in [0, 0.5], got {cfg['hue']}")
   for k in ('brightness', 'contrast', 'saturation'):
     if not 0 <= cfg[k] <= 1:
-      raise ValueError(f'{k} must be in [0, 1], got {cfg[k]}')
+      raise errors.ConfigError(f'{k} must be in [0, 1], got {cfg[k]}')
   return cfg
 
 

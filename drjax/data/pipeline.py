@@ -29,6 +29,7 @@ import numpy as np
 from absl import flags, logging
 from tensorflow_datasets.proto import tf_example_pb2
 
+from drjax import errors
 from drjax.data import builders, images, splits
 
 # Oversampling weights per grade from the paper, eq. (2-1): with the EyePACS counts
@@ -219,8 +220,8 @@ def get_dataset(config_input: mlc.ConfigDict) -> DatasetSplits:
       num_workers=config_input.build_workers or None, **_builder_options(config_input))
   has_masks = 'masks' in builder.info.features.keys()
   if config_input.with_masks and not has_masks:
-    raise ValueError(f'with_masks=True but {builder.info.full_name} has no lesion masks '
-                     "(use synthetic_fundus, or idrid with idrid_task='segmentation')")
+    raise errors.ConfigError(f'with_masks=True but {builder.info.full_name} has no lesion masks '
+                             "(use synthetic_fundus, or idrid with idrid_task='segmentation')")
 
   mask_keys = [k for k in ('masks', 'optic_disc') if k in builder.info.features.keys()]
 
@@ -264,10 +265,10 @@ def sampling_probabilities(labels: np.ndarray,
   w = np.asarray(class_weights, np.float64)
   labels = np.asarray(labels)
   if labels.size and (labels.min() < 0 or labels.max() >= len(w)):
-    raise ValueError(f'class_weights {tuple(w)} cannot weight labels in '
-                     f'[{labels.min()}, {labels.max()}] (-1 = ungraded images)')
+    raise errors.ConfigError(f'class_weights {tuple(w)} cannot weight labels in '
+                             f'[{labels.min()}, {labels.max()}] (-1 = ungraded images)')
   if (w < 0).any() or not (w[labels] > 0).any():
-    raise ValueError(f'class_weights must be >= 0 and not all zero, got {tuple(w)}')
+    raise errors.ConfigError(f'class_weights must be >= 0 and not all zero, got {tuple(w)}')
   p = w[labels]
   return p / p.sum()
 
@@ -337,7 +338,8 @@ class _Load:
 
 def _local_batch(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} must divide by process_count {process_count}')
+    raise errors.ConfigError(f'batch_size {batch_size} must divide by process_count '
+                             f'{process_count}')
   return batch_size // process_count
 
 

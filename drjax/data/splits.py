@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from drjax import errors
+
 
 def train_val_split(labels: Sequence[int] | np.ndarray,
                     groups: Sequence[str] | np.ndarray | None = None,
@@ -32,7 +34,7 @@ def train_val_split(labels: Sequence[int] | np.ndarray,
   labels = np.asarray(labels, np.int64)
   n = len(labels)
   if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
+    raise errors.ConfigError(f'val_fraction must be in [0, 1), got {val_fraction}')
   if groups is None:
     groups = np.arange(n)
   groups = np.asarray(groups)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from flax import linen as nn
 
+from drjax import errors
 from drjax.models import densenet, resnet, vgg
 from drjax.models.common import init_variables, normalize
 
@@ -59,5 +60,5 @@ def get_model(name: str, num_classes: int = 5, **kwargs) -> nn.Module:
     ValueError: for an unknown name (the message lists the valid ones).
   """
   if name not in _MODELS:
-    raise ValueError(f'Unknown model {name!r}; expected one of: {", ".join(MODEL_NAMES)}')
+    raise errors.ConfigError(f'Unknown model {name!r}; expected one of: {", ".join(MODEL_NAMES)}')
   return _MODELS[name](num_classes=num_classes, **kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from drjax import errors
 from drjax.data.builders import aptos2019, eyepacs, idrid, synthetic_fundus
 from drjax.data.builders.common import GRADE_NAMES, LESION_TYPES, NoUsableDataError
 
@@ -49,7 +50,7 @@ def make_builder(name: str, data_dir: str | None = None, num_workers: int | None
       (eyepacs/aptos2019/idrid), task='segmentation' (idrid), num_images=2000 (synthetic).
   """
   if name not in BUILDERS:
-    raise ValueError(f'Unknown dataset {name!r}; expected one of {sorted(BUILDERS)}')
+    raise errors.ConfigError(f'Unknown dataset {name!r}; expected one of {sorted(BUILDERS)}')
   builder_cls, make_config = BUILDERS[name]
   config = make_config(**options)
   # tfds refuses a config instance named like one of BUILDER_CONFIGS: pass those by name.

@@ -22,6 +22,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from drjax import errors
 from drjax.data import images
 from drjax.data.builders import base, common
 
@@ -62,7 +63,7 @@ def make_config(task: str = 'grading', image_size: int = 512, btgraham: bool = F
                 image_format: str = 'jpeg', limit: int = 0) -> IdridConfig:
   """A config whose name encodes every option, so differently built data never collide."""
   if task not in TASKS:
-    raise ValueError(f'IDRiD task must be one of {TASKS}, got {task!r}')
+    raise errors.ConfigError(f'IDRiD task must be one of {TASKS}, got {task!r}')
   name = f'{task}_size{image_size}' + ('_btgraham' if btgraham else '')
   name += '' if image_format == 'jpeg' else f'_{image_format}'
   name += f'_limit{limit}' if limit else ''

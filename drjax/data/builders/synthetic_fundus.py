@@ -16,6 +16,7 @@ import hashlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from drjax import errors
 from drjax.data import images, synthetic
 from drjax.data.builders import base, common
 
@@ -51,7 +52,7 @@ def plan(num_images: int, seed: int, grade_prior=None) -> list[tuple[str, int, i
   """(id, example seed, grade) of each example, exactly as `synthetic.generate` draws them."""
   prior = np.asarray(synthetic.EYEPACS_PRIOR if grade_prior is None else grade_prior, float)
   if prior.shape != (common.NUM_GRADES,) or (prior < 0).any() or prior.sum() <= 0:
-    raise ValueError(f'grade_prior must be 5 non-negative weights, got {grade_prior}')
+    raise errors.ConfigError(f'grade_prior must be 5 non-negative weights, got {grade_prior}')
   rng = np.random.default_rng(np.random.SeedSequence([seed, 99]))
   grades = rng.choice(common.NUM_GRADES, size=num_images, p=prior / prior.sum())
   return [(f'synthetic_{seed}_{i:06d}',
