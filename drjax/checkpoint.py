@@ -70,7 +70,8 @@ def make_manager(directory: str | pathlib.Path, max_to_keep: int | None = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """CheckpointManager with the three items; saving steps is decided by the caller."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      max_to_keep=None if read_only else max_to_keep, create=not read_only,
+      read_only=read_only, save_interval_steps=0 if read_only else 1,
       # Tmp dirs of a save interrupted by SIGKILL are never valid steps; remove them.
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,

@@ -188,3 +188,19 @@ def test_quiet_orbax_info_logs_drops_orbax_info_records_only(tmp_path, caplog, m
     assert kept(logging.INFO, orbax_file)
   finally:
     absl_logging.set_verbosity(verbosity)
+
+
+def test_a_read_only_manager_sets_no_saving_options(tmp_path, caplog):
+  # Reading a finished run (evaluate, cam_study, export) gives orbax no saving options to
+  # override and warn about; its one line saying the directory is read only remains.
+  manager = checkpoint.make_manager(tmp_path / 'ckpt', max_to_keep=1)
+  checkpoint.save(manager, 1, {'params': {'w': jnp.ones(3)}},
+                  {'step': jnp.int32(1), 'opt_state': {}}, {'model': 'none'})
+  manager.wait_until_finished()
+  manager.close()
+  with caplog.at_level(logging.WARNING):
+    reader = checkpoint.make_manager(tmp_path / 'ckpt', read_only=True)
+    assert reader.latest_step() == 1
+    reader.close()
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not [w for w in warnings if 'CheckpointManagerOptions' in w], warnings
