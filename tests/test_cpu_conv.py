@@ -239,6 +239,20 @@ def test_cpu_conv_keeps_bfloat16():
   assert float(dkernel[1, 1, 0, 0]) == 256.0
 
 
+@pytest.mark.parametrize('kernel_size, padding', [(1, 0), (3, 1)])
+def test_bfloat16_convolutions_are_lax_own(kernel_size, padding):
+  # The CPU forms are held to float32 rounding only: bfloat16 keeps XLA's program, gradients too.
+  lax_conv, conv = _lax_and_drjax_conv(1, padding)
+  x = jnp.ones((2, 16, 16, 64), jnp.bfloat16)
+  kernel = jnp.ones((kernel_size, kernel_size, 64, 64), jnp.bfloat16)
+
+  def program(f):
+    return str(jax.make_jaxpr(jax.grad(lambda x, k: f(x, k).astype(jnp.float32).sum(),
+                                       argnums=(0, 1)))(x, kernel))
+
+  assert program(conv) == program(lax_conv)
+
+
 def test_make_is_the_cpu_backend_only(monkeypatch):
   conv = cpu_conv.make(threads=3)
   assert conv == cpu_conv.CpuConv(threads=3)

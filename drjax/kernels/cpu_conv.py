@@ -78,6 +78,7 @@ class CpuConv:
                preferred_element_type=None):
     ones = (1, 1)
     if not (lhs.ndim == 4 and dimension_numbers == NHWC_HWIO and feature_group_count == 1
+            and lhs.dtype == rhs.dtype == jnp.float32
             and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
             and not isinstance(padding, str) and preferred_element_type is None):
       return lax.conv_general_dilated(
