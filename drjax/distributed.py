@@ -37,7 +37,7 @@ from drjax import errors
 
 T = TypeVar('T')
 
-# JAX's own defaults; a dead peer is noticed after HEARTBEAT_TIMEOUT seconds.
+# JAX's own defaults; a dead peer is noticed after DEFAULT_HEARTBEAT_TIMEOUT seconds.
 DEFAULT_HEARTBEAT_TIMEOUT = 100
 DEFAULT_INITIALIZATION_TIMEOUT = 300
 DEFAULT_SHUTDOWN_TIMEOUT = 300

@@ -35,11 +35,12 @@ def explain(model, variables, image_paths: Sequence[pathlib.Path], out_dir, *,
             image_size: int, method: str = 'gradcam', layer: str | None = None,
             masks_dir=None, targets=None, tolerance: float = 15,
             btgraham: bool = False) -> dict:
-  """Figure 5 per image (fundus | heatmap | overlay), heatmaps.npz and, with masks, scores.json.
+  """Figure 5 per image (fundus | heatmap | overlay), heatmaps_<method>.npz, scores_<method>.json.
 
   Returns:
-    what scores_<method>.json holds: per image stem its predicted grade, probabilities and
-    (with masks) `drjax.localize.score_lesions`; with masks also their 'mean'.
+    what scores_<method>.json holds: `method`, `layer`, `image_size`, `tolerance`, and under
+    `images` per image stem its predicted grade, probabilities and (with masks)
+    `drjax.localize.score_lesions`; with masks also their `mean`.
   """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)

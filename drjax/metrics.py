@@ -27,7 +27,6 @@ from collections.abc import Sequence
 import numpy as np
 
 NUM_GRADES = 5
-GRADE_NAMES = ('no DR', 'mild', 'moderate', 'severe', 'proliferative')
 # Names of the binary problems in `classification_report`, by threshold grade.
 _BINARY_NAMES = {2: 'referable', 1: 'any_dr'}
 

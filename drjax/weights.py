@@ -20,7 +20,7 @@ also records the architecture: `<dir>/variables.msgpack`, written atomically
      converted once into drjax's cache;
   4. a download from torchvision's URL into the torch hub cache, checking the
      sha256 prefix in the file name as torch.hub does, only when the download
-     host is reachable and `$DRJAX_NO_DOWNLOAD` is unset;
+     host is reachable and `$DRJAX_NO_DOWNLOAD` is unset, `0` or `false`;
   5. otherwise None, with a loud warning: the backbone is randomly initialised.
 
 torch is optional: it is imported only to read `.pth` files.

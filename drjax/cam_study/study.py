@@ -163,9 +163,9 @@ def run_controls(model, variables, examples: Sequence[Example], heatmaps: dict[s
   thing that changes. `heatmaps` are the trained model's maps (`compute_heatmaps`).
 
   Returns:
-    dict(seed, steps=[dict(name, reinitialised (parameter subtrees), parameter_fraction,
-    similarity ('method@layer' -> spearman, ssim, n), scores (as `score_heatmaps`))], with the
-    untrained network last, named 'untrained').
+    dict(seed, target (what every map explains), steps=[dict(name, reinitialised (parameter
+    subtrees), parameter_fraction, similarity ('method@layer' -> spearman, ssim, n), scores
+    (as `score_heatmaps`))], with the untrained network last, named 'untrained').
   """
   images = np.stack([e.image for e in examples])
   size = images.shape[1]

@@ -8,7 +8,7 @@ Anatomy is drawn in resolution-free units (the field of view has radius 1), so
 one seed gives the same eye at every image size, and the seeds of the anatomy,
 the camera, the lesions and the sensor noise are separate streams: for a given
 seed, grades 0, 1 and 2 show the same eye photographed the same way and differ
-only by their lesions (grades 3 and 4 also bead the veins).
+only by their lesions (grade 3, and half of grade 4, also bead the veins).
 
 Grades follow the international clinical DR severity scale (Wilkinson et al.,
 Ophthalmology 2003): 0 no apparent retinopathy; 1 microaneurysms only; 2 more

@@ -10,8 +10,6 @@ import jax.numpy as jnp
 
 from drjax.gradcam import core, maps, taps
 
-Array = jax.Array
-
 # Stages fused by `fusion` (LayerCAM-style), keyed by the model's default CAM layer.
 FUSION_LAYERS = {
     'denseblock4': ('denseblock2', 'denseblock3', 'denseblock4'),

@@ -24,9 +24,10 @@ def tap(module: nn.Module, name: str, x: jnp.ndarray) -> jnp.ndarray:
   When the caller makes the collections mutable, `x` gets a zero 'perturbations' entry added
   (so the gradient of any output with respect to that entry is its gradient with respect to
   the stage, as flax's `Module.perturb`) and is stored in 'intermediates' as a 1-tuple (as
-  `Module.sow`); otherwise, and during `init`, `x` passes unchanged. Unlike `perturb` and
-  `sow`, the name is not reserved in the module's scope: ResNet's 'layer1' tap shares its
-  name with the 'layer1' submodule that holds the parameters.
+  `Module.sow`). A 'perturbations' entry passed in with the variables is added to `x` either
+  way (how Grad-CAM reaches the stage); without one, and during `init`, `x` passes unchanged.
+  Unlike `perturb` and `sow`, the name is not reserved in the module's scope: ResNet's
+  'layer1' tap shares its name with the 'layer1' submodule that holds the parameters.
   """
   scope = module.scope
   if module.is_initializing():

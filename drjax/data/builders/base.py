@@ -37,7 +37,8 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     cls.code_path = epath.Path(inspect.getfile(cls))
 
   def __init__(self, *, num_workers: int | None = None, **kwargs):
-    """num_workers: processes that make the examples (None: all CPUs, <= 1: in-process)."""
+    """num_workers: processes making the examples (None: all CPUs, in-process below 100
+    items; <= 1: in-process)."""
     self._num_workers = num_workers
     super().__init__(**kwargs)
 
