@@ -75,7 +75,7 @@ def test_masks_are_exactly_where_lesions_changed_the_image(grade, size):
   """Masked pixels changed by >= MASK_THRESHOLD grey levels; unmasked ones by less."""
   seed = 11
   ex = synthetic.generate_example(seed, grade, image_size=size)
-  clean = synthetic._render(seed, grade, size, ex['eye'], draw_lesions=False)
+  clean = synthetic.render.render(seed, grade, size, ex['eye'], draw_lesions=False)
   assert not clean['masks'].any()
   change = np.abs(ex['image'].astype(int) - clean['image']).max(-1)
   union = ex['masks'].any(-1)
