@@ -78,6 +78,12 @@ def make_manager(directory: str | pathlib.Path, max_to_keep: int | None = 3,
                                item_names=_ITEMS)
 
 
+def has_steps(directory: str | pathlib.Path) -> bool:
+  """Whether `directory` holds a checkpoint step, without opening a manager on it."""
+  directory = pathlib.Path(directory)
+  return directory.is_dir() and bool(ocp.utils.checkpoint_steps(directory))
+
+
 def save(manager: ocp.CheckpointManager, step: int, variables: Mapping[str, Any],
          train: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
   """Starts an (asynchronous) save of `step`; orbax commits it atomically."""

@@ -261,13 +261,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     _write_config(config, workdir)
     mesh = mesh_lib.make_mesh()
     _check_batch_sizes(config, mesh)
+    if not checkpoint.has_steps(workdir / 'checkpoints'):
+      _check_weights_path(config)
+    # Process 0 builds the dataset on the shared disk, then the others read it.
+    ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
     manager = checkpoint.make_manager(workdir / 'checkpoints',
                                       max_to_keep=config.keep_checkpoints)
     try:
-      if manager.latest_step() is None:
-        _check_weights_path(config)
-      # Process 0 builds the dataset on the shared disk, then the others read it.
-      ds = distributed.process_zero_first(lambda: pipeline.get_dataset(config.input), 'dataset')
       run = _start(config, workdir, mesh, manager)
       state = _train(config, run, ds, mesh, workdir, manager)
     finally:

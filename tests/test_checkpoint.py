@@ -198,6 +198,8 @@ def test_a_read_only_manager_sets_no_saving_options(tmp_path, caplog):
                   {'step': jnp.int32(1), 'opt_state': {}}, {'model': 'none'})
   manager.wait_until_finished()
   manager.close()
+  assert checkpoint.has_steps(tmp_path / 'ckpt')
+  assert not checkpoint.has_steps(tmp_path / 'missing')
   with caplog.at_level(logging.WARNING):
     reader = checkpoint.make_manager(tmp_path / 'ckpt', read_only=True)
     assert reader.latest_step() == 1
