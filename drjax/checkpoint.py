@@ -66,16 +66,30 @@ class CheckpointError(errors.UserError, RuntimeError):
   """No checkpoint in the workdir could be restored."""
 
 
+# Where orbax writes a step until it is complete and renamed: `<step>.orbax-checkpoint-tmp-<t>`.
+_TMP_STEP_GLOB = '*' + ocp.path.atomicity_types.TMP_DIR_SUFFIX + '*'
+
+
 def make_manager(directory: str | pathlib.Path, max_to_keep: int | None = 3,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """CheckpointManager with the three items; saving steps is decided by the caller."""
+  directory = pathlib.Path(directory).absolute()
+  if not read_only and jax.process_index() == 0:
+    remove_interrupted_saves(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep, create=not read_only,
       read_only=read_only, save_interval_steps=0 if read_only else 1,
-      # Tmp dirs of a save interrupted by SIGKILL are never valid steps; remove them.
-      cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
-                               item_names=_ITEMS)
+      # Done above instead: orbax's clean-up runs in a thread that `close` does not wait for,
+      # which a process ending soon after (a config error) kills with a traceback.
+      cleanup_tmp_directories=False)
+  return ocp.CheckpointManager(directory, options=options, item_names=_ITEMS)
+
+
+def remove_interrupted_saves(directory: pathlib.Path) -> None:
+  """Deletes the folders of saves that a killed process left unfinished (never valid steps)."""
+  if directory.is_dir():
+    for path in directory.glob(_TMP_STEP_GLOB):
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def has_steps(directory: str | pathlib.Path) -> bool:

@@ -206,3 +206,17 @@ def test_a_read_only_manager_sets_no_saving_options(tmp_path, caplog):
     reader.close()
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert not [w for w in warnings if 'CheckpointManagerOptions' in w], warnings
+
+
+def test_opening_a_manager_removes_interrupted_saves_before_it_returns(tmp_path):
+  manager = checkpoint.make_manager(tmp_path / 'ckpt', max_to_keep=2)
+  checkpoint.save(manager, 1, {'params': {'w': jnp.ones(3)}},
+                  {'step': jnp.int32(1), 'opt_state': {}}, {'model': 'none'})
+  manager.wait_until_finished()
+  manager.close()
+  interrupted = tmp_path / 'ckpt' / '2.orbax-checkpoint-tmp-1733500000'
+  (interrupted / 'variables').mkdir(parents=True)  # as a SIGKILL mid-save leaves it
+  manager = checkpoint.make_manager(tmp_path / 'ckpt', max_to_keep=2)
+  assert not interrupted.exists()
+  assert manager.latest_step() == 1
+  manager.close()
