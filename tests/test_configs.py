@@ -1,15 +1,13 @@
 """Tests for configs/*.py: the paper's recipe per backbone, smoke and 224 px variants, locked
 fields."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 from ml_collections.config_flags import config_flags
+from script_runner import run_script
 
 from drjax import freeze, models, recipe, sweep, weights
 from drjax.data import augment, pipeline
@@ -100,12 +98,9 @@ def test_smoke_patterns_match_the_tiny_models(name):
 
 
 def test_mistyped_config_field_is_an_error_naming_it(tmp_path):
-  env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
-  result = subprocess.run(
-      [sys.executable, str(REPO / 'scripts' / 'train.py'), '--config',
-       str(REPO / 'configs' / 'densenet.py:smoke'), '--config.optimzer.lr=0.1',
-       '--workdir', str(tmp_path / 'run')],
-      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  result = run_script('train.py', '--config', REPO / 'configs' / 'densenet.py:smoke',
+                      '--config.optimzer.lr=0.1', '--workdir', tmp_path / 'run', cwd=tmp_path,
+                      timeout=300)
   assert result.returncode != 0
   assert 'optimzer' in result.stderr
   assert not (tmp_path / 'run').exists()
@@ -196,15 +191,12 @@ def test_paper224_sweep_file():
 
 def test_transfer224_without_weights_is_an_error_at_run_time(tmp_path):
   """Not an ImageNet lookup, not a silent random init: one error line naming the flag."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
   # The tiny model on the smoke data: everything but the weights as transfer224 has it.
-  result = subprocess.run(
-      [sys.executable, str(REPO / 'scripts' / 'train.py'), '--config',
-       str(REPO / 'configs' / 'densenet.py:transfer224'), '--config.model=densenet_tiny',
-       '--config.input.dataset=synthetic_fundus', '--config.input.image_size=32',
-       '--config.input.num_images=48', '--config.batch_size=8', '--config.eval_batch_size=8',
-       '--workdir', str(tmp_path / 'run')],
-      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  result = run_script(
+      'train.py', '--config', REPO / 'configs' / 'densenet.py:transfer224',
+      '--config.model=densenet_tiny', '--config.input.dataset=synthetic_fundus',
+      '--config.input.image_size=32', '--config.input.num_images=48', '--config.batch_size=8',
+      '--config.eval_batch_size=8', '--workdir', tmp_path / 'run', cwd=tmp_path, timeout=300)
   assert result.returncode == 1, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: config.weights.path is required')

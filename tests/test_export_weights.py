@@ -2,39 +2,26 @@
 through `--config.weights.path` (the pretrain224 -> transfer224 chain at tiny scale)."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
 import numpy as np
 import pytest
+from script_runner import REPO, run_ok
 
 from drjax import evaluate, weights
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 ARCH = 'densenet_tiny'
 
 
-def _run(args, cwd):
-  env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
-  result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-  return result
-
-
 def _train(workdir, tmp, *overrides):
-  return _run([str(REPO / 'scripts' / 'train.py'), '--config',
-               str(REPO / 'configs' / 'densenet.py:smoke'), '--workdir', str(workdir),
-               f'--config.input.data_dir={tmp / "tfds"}', *overrides], cwd=tmp)
+  return run_ok('train.py', '--config', REPO / 'configs' / 'densenet.py:smoke',
+                '--workdir', workdir, f'--config.input.data_dir={tmp / "tfds"}', *overrides,
+                cwd=tmp)
 
 
 def _export(workdir, output, tmp, *flags):
-  return _run([str(REPO / 'scripts' / 'export_weights.py'), '--workdir', str(workdir),
-               '--output', str(output), *flags], cwd=tmp)
+  return run_ok('export_weights.py', '--workdir', workdir, '--output', output, *flags, cwd=tmp)
 
 
 @pytest.fixture(scope='module')

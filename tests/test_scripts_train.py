@@ -2,32 +2,21 @@
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+from script_runner import REPO, run_ok, run_script
 
 from drjax import evaluate, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(args, cwd):
-  env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
-  result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-  return result
+SMOKE = REPO / 'configs' / 'densenet.py:smoke'
 
 
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('smoke')
   workdir = tmp / 'run'
-  result = _run([str(REPO / 'scripts' / 'train.py'), '--config',
-                 str(REPO / 'configs' / 'densenet.py:smoke'), '--workdir', str(workdir),
-                 f'--config.input.data_dir={tmp / "tfds"}'], cwd=tmp)
+  result = run_ok('train.py', '--config', SMOKE, '--workdir', workdir,
+                  f'--config.input.data_dir={tmp / "tfds"}', cwd=tmp)
   return workdir, tmp, result
 
 
@@ -62,8 +51,8 @@ def test_load_run_restores_the_final_variables(smoke_run):
 def test_evaluate_script_writes_metrics(smoke_run):
   workdir, tmp, _ = smoke_run
   out = tmp / 'eval.json'
-  result = _run([str(REPO / 'scripts' / 'evaluate.py'), '--workdir', str(workdir),
-                 '--split', 'validation', '--out', str(out)], cwd=tmp)
+  result = run_ok('evaluate.py', '--workdir', workdir, '--split', 'validation', '--out', out,
+                  cwd=tmp)
   report = json.loads(out.read_text())
   final = json.loads((workdir / 'metrics.json').read_text())
   # The same checkpoint on the same split gives the training run's final metrics.
@@ -80,13 +69,10 @@ def test_evaluate_script_writes_metrics(smoke_run):
 def test_train_script_reports_a_bad_config_value_in_one_line(smoke_run, tmp_path, override,
                                                              message):
   _, tmp, _ = smoke_run  # its dataset, already built
-  env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
-  result = subprocess.run(
-      [sys.executable, str(REPO / 'scripts' / 'train.py'), '--config',
-       str(REPO / 'configs' / 'densenet.py:smoke'), '--workdir', str(tmp_path / 'run'),
-       f'--config.input.data_dir={tmp / "tfds"}', '--config.weights.random_init_trains_all=false',
-       override],
-      capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+  result = run_script('train.py', '--config', SMOKE, '--workdir', tmp_path / 'run',
+                      f'--config.input.data_dir={tmp / "tfds"}',
+                      '--config.weights.random_init_trains_all=false', override,
+                      cwd=tmp_path, timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
@@ -96,12 +82,9 @@ def test_train_script_reports_a_bad_config_value_in_one_line(smoke_run, tmp_path
 def test_train_script_refuses_a_workdir_in_use(tmp_path):
   workdir = tmp_path / 'run'
   with train.workdir_lock(workdir):
-    env = dict(os.environ, PYTHONPATH=str(REPO), DRJAX_NO_DOWNLOAD='1')
-    result = subprocess.run(
-        [sys.executable, str(REPO / 'scripts' / 'train.py'), '--config',
-         str(REPO / 'configs' / 'densenet.py:smoke'), '--workdir', str(workdir),
-         f'--config.input.data_dir={tmp_path / "tfds"}'],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = run_script('train.py', '--config', SMOKE, '--workdir', workdir,
+                        f'--config.input.data_dir={tmp_path / "tfds"}', cwd=tmp_path,
+                        timeout=300)
   assert result.returncode == 1
   assert f'error: {workdir} is in use by another drjax run (pid {os.getpid()}' in result.stderr
   assert 'Traceback' not in result.stderr
