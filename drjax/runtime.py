@@ -26,7 +26,11 @@ CACHE_MAX_BYTES = 2 << 30
 
 
 def run(main: Callable[[Sequence[str]], int | None]) -> None:
-  """absl's `app.run(main)`, with `setup()` first and user errors as one line."""
+  """absl's `app.run(main)`, with `setup()` first and user errors as one line.
+
+  Flag errors (an unknown flag, a bad value, a config file or variant that cannot be loaded)
+  are one line too, where absl would print the config file's traceback.
+  """
 
   def main_with_setup(argv):
     setup()
@@ -36,7 +40,53 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
       print(f'error: {e}', file=sys.stderr, flush=True)
       return 1
 
-  app.run(main_with_setup)
+  app.run(main_with_setup, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with a user's flag mistake as one `error:` line and exit status 1."""
+  from absl import flags
+
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit_with_error(flag_error_line(str(e)))
+  except KeyError as e:  # ml_collections' unknown `--config.FIELD`, with its did-you-mean
+    _exit_with_error(f'unknown config field: {" ".join(str(e.args[0]).split())}')
+  for name in flags.FLAGS:
+    value = flags.FLAGS[name].value
+    # ml_collections defers a config file it cannot read to the first use of the config.
+    if type(value).__name__ == '_ErrorConfig':
+      try:
+        value.lock()
+      except OSError as e:
+        _exit_with_error(f'flag --{name}: cannot load the config file: '
+                         f'{str(e).strip().splitlines()[-1].strip()}')
+  return argv
+
+
+def _exit_with_error(line: str) -> None:
+  print(f'error: {line}', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def flag_error_line(message: str) -> str:
+  """One line for absl's flag error `message`.
+
+  ml_collections puts the config file's whole traceback into the message of an error raised
+  by `get_config` (a misspelt variant, a bad value): the flag and the exception's own line
+  are what the user needs.
+  """
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if 'Traceback (most recent call last):' not in lines:
+    return ' '.join(lines)
+  flag = lines[0].split('Error whilst parsing config file')[0].strip()
+  last = lines[-1]
+  kind, sep, text = last.partition(': ')
+  if sep and kind.replace('.', '').replace('_', '').isalnum() and kind.endswith(('Error',
+                                                                                 'Exception')):
+    last = text
+  return f'{flag} {last}'.strip()
 
 
 def setup() -> None:

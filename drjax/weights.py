@@ -108,6 +108,10 @@ class WeightsError(errors.UserError, ValueError):
   """A checkpoint that cannot be converted or loaded (the message says why)."""
 
 
+class MissingWeightsError(errors.UserError, FileNotFoundError):
+  """Weights that were asked for by path and are not there."""
+
+
 # ----------------------------------------------------------------------------
 # Conversion.
 
@@ -294,13 +298,13 @@ def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
   """Reads a torchvision `.pth` (needs torch) or `.safetensors` file into numpy arrays.
 
   Raises:
-    FileNotFoundError: if `path` does not exist.
+    MissingWeightsError: (a FileNotFoundError) if `path` does not exist.
     WeightsError: if the file is truncated, corrupt, or not a state_dict.
     ImportError: for a `.pth` file when torch is not installed.
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'No checkpoint file at {path}')
+    raise MissingWeightsError(f'No checkpoint file at {path}')
   if path.suffix == '.safetensors':
     from safetensors.numpy import load_file
     try:
@@ -384,12 +388,12 @@ def load(arch: str, directory: PathLike) -> Variables:
     was converted without one.
 
   Raises:
-    FileNotFoundError: if there is no variables file.
+    MissingWeightsError: (a FileNotFoundError) if there is no variables file.
     WeightsError: if the file is corrupt or holds another architecture's variables.
   """
   path = _variables_file(directory)
   if not path.is_file():
-    raise FileNotFoundError(f'No converted weights at {path}')
+    raise MissingWeightsError(f'No converted weights at {path}')
   try:
     payload = serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several types for bad data.
@@ -518,7 +522,7 @@ def check_path(arch: str, explicit_path: PathLike) -> pathlib.Path:
         'scripts/convert_weights.py from a torchvision checkpoint).')
   path = pathlib.Path(explicit_path).expanduser()
   if not path.exists():
-    raise FileNotFoundError(f'Configured weights {path} do not exist.')
+    raise MissingWeightsError(f'Configured weights {path} do not exist.')
   return path
 
 

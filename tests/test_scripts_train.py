@@ -79,6 +79,21 @@ def test_train_script_reports_a_bad_config_value_in_one_line(smoke_run, tmp_path
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--config', 'configs/densenet.py:smoek'], "one of smoke, paper, cpu224"),
+    (['--config', 'configs/no_such_config.py'], 'cannot load the config file'),
+    (['--config', 'configs/densenet.py', '--config.weights.path=/no/such/dir'],
+     'Configured weights /no/such/dir do not exist'),
+])
+def test_train_script_reports_a_flag_or_weights_mistake_in_one_line(tmp_path, args, message):
+  # These fail before any dataset is built, so the default config costs nothing here.
+  result = run_script('train.py', *args, '--workdir', tmp_path / 'run', cwd=REPO, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+
+
 def test_train_script_refuses_a_workdir_in_use(tmp_path):
   workdir = tmp_path / 'run'
   with train.workdir_lock(workdir):
