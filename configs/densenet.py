@@ -21,13 +21,20 @@ from). With ImageNet weights (drjax.weights.resolve) the paper's freezing applie
 `:paper` is the paper's full scale: EyePACS at 224 px, batch 256, about 100 epochs, constant
 Adam 1e-4 and all of the paper's augmentations (`drjax.data.augment.default_config()`).
 
-The 224 px variants (the paper's input size, denseblock4 a 7x7 map), sized for a GPU; on a
-2-core CPU each is many hours. All use the paper's augmentations (at 224 px a lesion is 4-7 px
-wide and survives a rotation); drjax/recipe.py says why each size was chosen:
+`:cpu224` is the paper's 224 px input (denseblock4 a 7x7 map) sized for a 2-core CPU, the
+CAM study's classifier and Table 1's DenseNet121 row at 224 px (drjax/recipe.py says why):
+
+  python scripts/train.py --config configs/densenet.py:cpu224
+      # 2400 synthetic images (1920 train), batch 16, 600 steps, the default run's schedule and
+      # flips, every layer from a random init; docs/cpu224_trials.md has the trials behind it.
+
+The other 224 px variants are sized for a GPU; on a 2-core CPU each is many hours. All use
+the paper's augmentations (at 224 px a lesion is 4-7 px wide and survives a rotation);
+drjax/recipe.py says why each size was chosen:
 
   python scripts/train.py --config configs/densenet.py:study224
       # 8000 synthetic images (6400 train), batch 32, 6000 steps, Adam 1e-3 cosine, every
-      # layer from a random init: the CAM study's classifier and Table 1 at 224 px
+      # layer from a random init: the GPU-sized CAM study classifier and Table 1 at 224 px
       # (configs/sweeps/paper224.py). Its target: validation kappa >= 0.85, referable AUC >= 0.95.
   python scripts/train.py --config configs/densenet.py:idrid224 \
       --config.input.manual_dir=/path/to/idrid

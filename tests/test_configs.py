@@ -102,7 +102,9 @@ def test_mistyped_config_field_is_an_error_naming_it(tmp_path):
                       '--config.optimzer.lr=0.1', '--workdir', tmp_path / 'run', cwd=tmp_path,
                       timeout=300)
   assert result.returncode != 0
-  assert 'optimzer' in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'Did you mean "optimizer"' in errors[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'run').exists()
 
 
@@ -148,6 +150,15 @@ def test_224_variants(name, arg, dataset, scratch):
     assert config.input.class_weights == pipeline.PAPER_CLASS_WEIGHTS
     epochs = config.num_steps * config.batch_size / (0.8 * config.input.num_images)
     assert config.input.num_images >= 8000 and epochs >= 20
+
+
+def test_cpu224_is_the_default_run_at_224_px_on_three_times_the_images():
+  default, cpu = _load('densenet'), _load('densenet', 'cpu224')
+  assert cpu.input.image_size == 224 and cpu.input.num_images == 3 * default.input.num_images
+  assert (cpu.batch_size, cpu.num_steps) == (16, 600)
+  assert cpu.augment.to_dict() == default.augment.to_dict()  # flips only, as the default run
+  assert cpu.optimizer.to_dict() == default.optimizer.to_dict()
+  assert not cpu.weights.pretrained and cpu.trainable == ('.*',)
 
 
 def test_study224_sizes_and_the_pretraining_set():
