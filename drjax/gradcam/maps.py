@@ -54,6 +54,125 @@ def layercam_map(acts: Array, grads: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------
+# pytorch-grad-cam 1.5.7's further maps (`drjax.gradcam.cams` applies them): some take the
+# activations alone, ShapleyCAM a third array, RandomCAM its channel weights.
+
+
+def gradcam_elementwise_map(acts: Array, grads: Array) -> Array:
+  """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise): sum_c relu(g * A)."""
+  return jax.nn.relu(grads * acts).sum(-1)
+
+
+def eigencam_map(acts: Array) -> Array:
+  """Eigen-CAM (Muhammad & Yeasin 2020): the projection on the first principal component.
+
+  As pytorch-grad-cam's `get_2d_projection`: the `h*w` positions are samples of `C`
+  features, NaNs set to 0, centred per channel, and projected on the first right
+  singular vector. The SVD's sign is arbitrary (LAPACK's there, cuSOLVER's on a GPU), so
+  it is fixed as in Seg-Eigen-CAM (Chung & Ying 2025, eq. 13; pytorch-grad-cam's
+  `get_2d_projection_with_sign_correction`): the map is negated when |min| > |max|.
+
+  Args:
+    acts: `[..., h, w, C]`.
+
+  Returns:
+    `[..., h, w]`.
+  """
+  flat = _centred_positions(acts)
+  _, _, vt = jnp.linalg.svd(flat, full_matrices=False)
+  proj = jnp.einsum('...nc,...c->...n', flat, vt[..., 0, :], precision=jax.lax.Precision.HIGHEST)
+  flip = jnp.abs(proj.min(-1, keepdims=True)) > jnp.abs(proj.max(-1, keepdims=True))
+  return jnp.where(flip, -proj, proj).reshape(acts.shape[:-1])
+
+
+def eigengradcam_map(acts: Array, grads: Array) -> Array:
+  """Eigen-Grad-CAM (pytorch-grad-cam's EigenGradCAM): `eigencam_map` of g * A."""
+  return eigencam_map(grads * acts)
+
+
+KPCA_KERNELS = ('linear', 'poly', 'rbf', 'sigmoid', 'cosine')
+
+
+def kpca_map(acts: Array, kernel: str = 'sigmoid', gamma: float | None = None,
+             coef0: float = 1.0, degree: int = 3) -> Array:
+  """KPCA-CAM (Karmani et al. 2024): the projection on the first kernel principal component.
+
+  As pytorch-grad-cam's `get_2d_projection_kernel`, i.e. scikit-learn's
+  `KernelPCA(n_components=1, kernel=kernel, gamma=gamma).fit_transform` of the centred
+  `[h*w, C]` positions: the centred kernel's top eigenvector (largest eigenvalue, its
+  largest-magnitude entry made positive as sklearn's `svd_flip` does) times sqrt(eigenvalue).
+
+  Args:
+    acts: `[..., h, w, C]`.
+    kernel: one of `KPCA_KERNELS`, with sklearn's definitions; 'sigmoid' as KPCA_CAM.
+    gamma: the kernel's scale; None -> 1 / C, as sklearn.
+    coef0, degree: sklearn's other kernel parameters, at its defaults.
+
+  Returns:
+    `[..., h, w]`; all zero where the top eigenvalue is not positive (sklearn raises).
+  """
+  flat = _centred_positions(acts)
+  gamma = 1.0 / acts.shape[-1] if gamma is None else gamma
+  dot = jnp.einsum('...nc,...mc->...nm', flat, flat, precision=jax.lax.Precision.HIGHEST)
+  if kernel == 'linear':
+    gram = dot
+  elif kernel == 'poly':
+    gram = (gamma * dot + coef0)**degree
+  elif kernel == 'rbf':
+    sq = jnp.diagonal(dot, axis1=-2, axis2=-1)
+    gram = jnp.exp(-gamma * jnp.maximum(sq[..., :, None] - 2 * dot + sq[..., None, :], 0.0))
+  elif kernel == 'sigmoid':
+    gram = jnp.tanh(gamma * dot + coef0)
+  elif kernel == 'cosine':
+    norm = jnp.sqrt(jnp.diagonal(dot, axis1=-2, axis2=-1))
+    norm = jnp.where(norm > 0, norm, 1.0)
+    gram = dot / (norm[..., :, None] * norm[..., None, :])
+  else:
+    raise ValueError(f'Unknown KPCA kernel {kernel!r}; valid: {", ".join(KPCA_KERNELS)}')
+  # Centring in feature space (sklearn's KernelCenterer).
+  gram = (gram - gram.mean(-1, keepdims=True) - gram.mean(-2, keepdims=True)
+          + gram.mean((-2, -1), keepdims=True))
+  eigvals, eigvecs = jnp.linalg.eigh(gram)
+  vec = eigvecs[..., :, -1]
+  peak = jnp.take_along_axis(vec, jnp.abs(vec).argmax(-1, keepdims=True), -1)
+  vec = jnp.where(peak < 0, -vec, vec)
+  proj = vec * jnp.sqrt(jnp.maximum(eigvals[..., -1:], 0.0))
+  return proj.reshape(acts.shape[:-1])
+
+
+def _centred_positions(x: Array) -> Array:
+  """`[..., h, w, C]` -> `[..., h*w, C]`, NaN -> 0, minus each channel's mean over positions."""
+  flat = x.reshape(*x.shape[:-3], -1, x.shape[-1])
+  flat = jnp.where(jnp.isnan(flat), 0.0, flat)
+  return flat - flat.mean(-2, keepdims=True)
+
+
+def fem_map(acts: Array, k: float = 2.0) -> Array:
+  """FEM (Fuad et al. 2020): channel weights = the share of locations above mean + k std.
+
+  Each channel's positions above its k-sigma threshold (population std over h, w) form a
+  binary mask; its mean is the channel's weight on A.
+  """
+  mean = acts.mean(axis=(-3, -2), keepdims=True)
+  std = acts.std(axis=(-3, -2), keepdims=True)
+  weights = (acts > mean + k * std).mean(axis=(-3, -2), keepdims=True)
+  return (weights * acts).sum(-1)
+
+
+def shapleycam_map(acts: Array, grads: Array, hvp: Array) -> Array:
+  """ShapleyCAM (Cai 2025): Grad-CAM with channel weights mean_ij(g - H A / 2).
+
+  `hvp` is the Hessian of the target w.r.t. the layer's output times A, `[..., h, w, C]`.
+  """
+  return gradcam_map(acts, grads - 0.5 * hvp)
+
+
+def randomcam_map(acts: Array, weights: Array) -> Array:
+  """RandomCAM (pytorch-grad-cam's chance baseline): given channel weights `[..., C]`."""
+  return (weights[..., None, None, :] * acts).sum(-1)
+
+
+# ----------------------------------------------------------------------------
 # Post-processing, separate from the methods.
 
 
@@ -113,4 +232,6 @@ CAM_MAPS: dict[str, Callable[[Array, Array], Array]] = {
     'hirescam': hirescam_map,
     'xgradcam': xgradcam_map,
     'layercam': layercam_map,
+    'gradcam_elementwise': gradcam_elementwise_map,
+    'eigengradcam': eigengradcam_map,
 }
