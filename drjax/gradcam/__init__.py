@@ -103,12 +103,15 @@ from drjax.gradcam.methods import (
   scorecam,
   xgradcam,
 )
+from drjax.gradcam.perturbation import ablationcam
 from drjax.gradcam.pixel import (
   gradients,
   integrated_gradients,
   integrated_gradients_attributions,
   smoothgrad,
 )
+from drjax.gradcam.refine import refinecam
+from drjax.gradcam.sess import sess
 from drjax.gradcam.taps import (
   layer_names,
   reshape_tokens,
@@ -132,6 +135,9 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
     'shapleycam': shapleycam,
     'finercam': finercam,
     'randomcam': randomcam,
+    'ablationcam': ablationcam,
+    'refinecam': refinecam,
+    'sess': sess,
     'fusion': fusion,
     'gradients': gradients,
     'smoothgrad': smoothgrad,
@@ -140,6 +146,7 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
 
 
 __all__ = [
+    'ablationcam', 'refinecam', 'sess',
     'FinerTarget', 'KPCA_KERNELS', 'eigencam', 'eigencam_map', 'eigengradcam',
     'eigengradcam_map', 'fem', 'fem_map', 'finercam', 'gradcam_elementwise',
     'gradcam_elementwise_map', 'kpca_map', 'kpcacam', 'randomcam', 'randomcam_map',
