@@ -16,14 +16,21 @@ exercise it; its numbers then describe an untrained classifier, which the report
 
 from absl import flags
 
-from drjax import cam_study, runtime
+from drjax import cam_study, errors, gradcam, runtime
 
 flags.DEFINE_multi_string('workdir', None, 'Training run(s).', required=True)
 flags.DEFINE_enum('dataset', 'synthetic_fundus', ['synthetic_fundus', 'idrid'], 'Masks source.')
 flags.DEFINE_string('idrid_dir', None, 'Raw IDRiD folder (with "A. Segmentation").')
 flags.DEFINE_integer('num_images', 16, 'Images with lesion masks.')
 flags.DEFINE_list('methods', 'gradcam,gradcam++,hirescam,xgradcam,layercam',
-                  'Keys of drjax.gradcam.METHODS (scorecam is slow: one pass per channel).')
+                  'Layer methods, keys of drjax.gradcam.METHODS, or "all" (every layer method, '
+                  'randomcam the chance row).')
+flags.DEFINE_list('pixel_methods', 'gradients',
+                  'Pixel-level methods scored at the input (gradients, guided_backprop, '
+                  'guided_gradcam, fullgrad, sess, smoothgrad, integrated_gradients) or "all".')
+flags.DEFINE_integer('slow_images', None, 'Images for the methods that take a pass per '
+                     'channel or window (scorecam, ablationcam, sess); default: all. The '
+                     'controls leave them out.')
 flags.DEFINE_integer('image_size', None, 'Default: the run\'s input size.')
 flags.DEFINE_float('tolerance', None, 'Pointing-game tolerance in pixels of the input '
                    '(default: 15 px at 224 px, scaled to the input size).')
@@ -38,9 +45,16 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  methods = cam_study.ALL_METHODS if FLAGS.methods == ['all'] else FLAGS.methods
+  pixel_methods = (cam_study.ALL_PIXEL_METHODS if FLAGS.pixel_methods == ['all']
+                   else FLAGS.pixel_methods)
+  for name in (*methods, *pixel_methods):
+    if name not in gradcam.METHODS:
+      raise errors.ConfigError(f'unknown method {name!r}; valid: {", ".join(gradcam.METHODS)}')
   path = cam_study.run_workdirs(
       FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, idrid_dir=FLAGS.idrid_dir,
-      num_images=FLAGS.num_images, methods=FLAGS.methods, image_size=FLAGS.image_size,
+      num_images=FLAGS.num_images, methods=methods, pixel_methods=pixel_methods,
+      slow_images=FLAGS.slow_images, image_size=FLAGS.image_size,
       tolerance=FLAGS.tolerance, faithfulness_images=FLAGS.faithfulness_images,
       seed=FLAGS.seed, controls=FLAGS.controls)
   print(f'report: {path}')

@@ -279,3 +279,56 @@ def test_conclusions_are_computed_from_the_numbers():
   assert 'finer a beats b in pixel AUROC for 1 of 2 lesion types (MA).' in text
   assert 'a median MA lesion covers 0.1% of the image, 4.9% of one b cell.' in text
   assert 'EX' not in text and 'NV' not in text
+
+
+def test_cam_study_runs_every_method_with_slow_ones_on_fewer_images(tiny_run, tmp_path,
+                                                                     monkeypatch):
+  from drjax import cam_study, evaluate
+  monkeypatch.setattr(evaluate, 'load_run', lambda workdir: tiny_run)
+  methods = [m for m in cam_study.ALL_METHODS if m in gradcam.METHODS]
+  pixel = [m for m in cam_study.ALL_PIXEL_METHODS if m in gradcam.METHODS]
+  path = cam_study.run_workdirs([str(tmp_path / 'run')], tmp_path / 'study', num_images=2,
+                                methods=methods, pixel_methods=pixel, slow_images=1,
+                                faithfulness_images=1, stats_size=96)
+  result = json.loads((tmp_path / 'study' / 'toynet' / 'results.json').read_text())
+  keys = {f'{m}@stage2' for m in methods} | {f'{m}@input' for m in pixel}
+  assert keys <= set(result['scores'])
+  controlled = set(result['controls']['steps'][0]['similarity'])
+  for key in keys:
+    slow = key.split('@')[0] in cam_study.SLOW_METHODS
+    assert result['scores'][key]['any']['n'] == (1 if slow else 2), key
+    assert (key in controlled) != slow, key
+    assert np.isfinite(result['faithfulness'][key]['road_combined']), key
+  text = path.read_text()
+  assert 'ROAD combined' in text and 'passing the controls' in text
+  if any(m in cam_study.SLOW_METHODS for m in methods + pixel):
+    assert 'Computed on fewer images' in text
+
+
+def test_the_study_names_maps_that_beat_gradcam_and_pass_the_controls():
+  from drjax.cam_study import controls as controls_lib
+  from drjax.cam_study import report
+
+  def scores(auroc):
+    return dict(any=_scores(auroc, 0.2, 0.2))
+
+  def similarity(rho):
+    return dict(spearman=rho, ssim=0.5, n=2)
+
+  result = dict(default_layer='b', scores={
+      'gradcam@b': scores(0.55), 'good@b': scores(0.7), 'static@b': scores(0.8),
+      'copied@b': scores(0.65), 'worse@b': scores(0.5), 'slow@b': scores(0.9)})
+  trained = {k: v for k, v in result['scores'].items() if k != 'slow@b'}
+  head = dict(name=controls_lib.HEAD, similarity=dict(
+      {k: similarity(0.1) for k in trained}, **{'static@b': similarity(0.9)}))
+  untrained = dict(name=controls_lib.UNTRAINED, similarity={k: similarity(0.0) for k in trained},
+                   scores=dict({k: scores(0.5) for k in trained}, **{'copied@b': scores(0.7)}))
+  result['controls'] = dict(steps=[head, untrained])
+  assert report.passes_controls(result, 'good@b')
+  assert not report.passes_controls(result, 'static@b')  # unchanged by the head
+  assert not report.passes_controls(result, 'copied@b')  # an untrained net does better
+  assert report.passes_controls(result, 'slow@b') is None
+  text = ' '.join(report._better_than_default_sentences(result))
+  assert 'passing the controls' in text and ': good@b (0.700);' in text
+  assert '2 other maps score higher but fail the controls' in text
+  assert 'slow@b score higher without having been through them' in text

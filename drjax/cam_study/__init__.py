@@ -33,9 +33,12 @@ from drjax.cam_study.report import (
     write_report,
 )
 from drjax.cam_study.study import (
+    ALL_METHODS,
+    ALL_PIXEL_METHODS,
     DEFAULT_METHODS,
     FUSION,
     PAPER_SIZE,
+    SLOW_METHODS,
     area_table,
     compute_heatmaps,
     faithfulness,
@@ -48,7 +51,8 @@ from drjax.cam_study.study import (
 )
 
 __all__ = [
-    'DEFAULT_METHODS', 'FUSION', 'IMAGE_EXTENSIONS', 'LESION_TYPES', 'PAPER_SIZE',
+    'ALL_METHODS', 'ALL_PIXEL_METHODS', 'DEFAULT_METHODS', 'FUSION', 'IMAGE_EXTENSIONS',
+    'LESION_TYPES', 'PAPER_SIZE', 'SLOW_METHODS',
     'PAPER_TOLERANCE', 'Example', 'area_markdown', 'area_table', 'compute_heatmaps',
     'conclusions', 'controls', 'controls_markdown', 'faithfulness', 'idrid_examples',
     'layer_shapes', 'lesion_stats', 'load_examples', 'load_masks_for', 'mass_lift_table',

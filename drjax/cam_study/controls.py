@@ -161,10 +161,12 @@ def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
 
 def similarity(trained: dict[str, np.ndarray], other: dict[str, np.ndarray]
                ) -> dict[str, dict[str, float]]:
-  """Per 'method@layer': mean rank correlation and SSIM between the two models' maps of each
-  image, and `n`, the images whose correlation is defined (neither map constant)."""
+  """Per 'method@layer' of both: mean rank correlation and SSIM between the two models' maps
+  of each image, and `n`, the images whose correlation is defined (neither map constant)."""
   out = {}
   for key, maps in trained.items():
+    if key not in other:
+      continue
     rho = np.array([rank_correlation(m, o) for m, o in zip(maps, other[key], strict=True)])
     sim = [ssim(m, o) for m, o in zip(maps, other[key], strict=True)]
     defined = ~np.isnan(rho)

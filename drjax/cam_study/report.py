@@ -17,8 +17,9 @@ from drjax.cam_study import study
 from drjax.cam_study.examples import LESION_TYPES, Example
 
 PAPER_TOLERANCE = 15  # pointing-game tolerance in pixels at study.PAPER_SIZE
-# Grad-CAM's close variants stay in the tables but out of the figure, so that it stays readable.
-_LEFT_OUT_OF_FIGURE = ('hirescam@', 'xgradcam@', 'gradcam++@')
+# The methods the figure shows; the others stay in the tables, so that it stays readable.
+_IN_FIGURE = ('gradcam', 'layercam', study.FUSION, 'eigencam', 'randomcam', 'gradients',
+              'guided_gradcam', 'fullgrad')
 # A map whose rank correlation with the trained one stays at or above this after the head is
 # re-initialised is reported as barely depending on the classifier (this report's threshold).
 _UNCHANGED_RHO = 0.5
@@ -117,7 +118,8 @@ def controls_markdown(result: dict) -> str:
     head += [f'{_step_column(s["name"])}: rho', f'{_step_column(s["name"])}: AUROC']
   lines = [f'Re-initialised, {reinit}; untrained: every parameter.', '',
            '| ' + ' | '.join(head) + ' |', '|---|' + '---|' * (len(head) - 1)]
-  for key in scores:
+  controlled = [k for k in scores if k in steps[0]['similarity']]
+  for key in controlled:
     row = [key, _fmt(scores[key]['any']['auroc'])]
     for s in steps:
       row += [_fmt(s['similarity'][key]['spearman'], 2), _fmt(s['scores'][key]['any']['auroc'])]
@@ -126,8 +128,55 @@ def controls_markdown(result: dict) -> str:
             '| method @ layer | ' + ' | '.join(_step_column(s['name']) for s in steps) + ' |',
             '|---|' + '---|' * len(steps)]
   lines += [f'| {key} | ' + ' | '.join(_fmt(s['similarity'][key]['ssim'], 2) for s in steps)
-            + ' |' for key in scores]
+            + ' |' for key in controlled]
   return '\n'.join(lines)
+
+
+def passes_controls(result: dict, key: str) -> bool | None:
+  """Whether 'method@layer' explains the model: its maps change when the head is
+  re-initialised (rank correlation below `_UNCHANGED_RHO`) and the untrained network's maps
+  localise lesions worse (pixel AUROC, any lesion). None: not run through the controls."""
+  steps = (result.get('controls') or {}).get('steps') or []
+  head = next((s for s in steps if s['name'] == controls_lib.HEAD), None)
+  untrained = next((s for s in steps if s['name'] == controls_lib.UNTRAINED), None)
+  if head is None or untrained is None or key not in head['similarity']:
+    return None
+  rho = head['similarity'][key]['spearman']
+  return bool(not np.isnan(rho) and rho < _UNCHANGED_RHO and
+              result['scores'][key]['any']['auroc'] > untrained['scores'][key]['any']['auroc'])
+
+
+def _better_than_default_sentences(result: dict) -> list[str]:
+  """Which maps localise lesions better than Grad-CAM at the default layer while passing the
+  randomisation controls (the study's question to every method)."""
+  scores = result['scores']
+  default = f'gradcam@{result["default_layer"]}'
+  if default not in scores or not (result.get('controls') or {}).get('steps'):
+    return []
+  base = scores[default]['any']['auroc']
+  better = {k: v['any']['auroc'] for k, v in scores.items()
+            if k != default and v['any']['auroc'] > base}
+  passing = [k for k in better if passes_controls(result, k)]
+  untested = [k for k in better if passes_controls(result, k) is None]
+  text = (f'Better than {default} (pixel AUROC {_fmt(base)}, any lesion) and passing the '
+          f'controls (head re-initialised: rank correlation below {_UNCHANGED_RHO}; the '
+          'untrained network localises worse): ' +
+          (', '.join(f'{k} ({_fmt(better[k])})' for k in sorted(passing, key=better.get,
+                                                                reverse=True)) or 'none') +
+          f'; {len(better) - len(passing) - len(untested)} other maps score higher but fail '
+          'the controls')
+  if untested:
+    text += f', and {", ".join(untested)} score higher without having been through them'
+  return [text + '.']
+
+
+def _slow_methods_sentence(result: dict) -> list[str]:
+  slow = {m: n for m, n in (result.get('slow_methods') or {}).items()
+          if n < result['num_images']}
+  if not slow:
+    return []
+  return ['Computed on fewer images (one forward pass per channel or window), without the '
+          'controls: ' + ', '.join(f'{m} on {n}' for m, n in slow.items()) + '.']
 
 
 def _setting_sentence(result: dict) -> list[str]:
@@ -168,7 +217,7 @@ def _control_sentences(result: dict) -> list[str]:
   untrained = steps[-1]
   if untrained['name'] == controls_lib.UNTRAINED:
     auroc = {k: (scores[k]['any']['auroc'], untrained['scores'][k]['any']['auroc'])
-             for k in scores}
+             for k in scores if k in untrained['scores']}
     better = [k for k, (t, u) in auroc.items() if t > u]
     worse = [k for k in auroc if k not in better]
     # Name the smaller group, so that the sentence stays short.
@@ -246,15 +295,18 @@ def conclusions(result: dict) -> list[str]:
     if row and row['lesions'] and f'lesion_per_cell_{coarse}' in row:
       out.append(f'Area: a median {t} lesion covers {_pct(row["lesion_fraction"])} of the image, '
                  f'{_pct(row[f"lesion_per_cell_{coarse}"])} of one {coarse} cell.')
-  return out + _control_sentences(result)
+  return (out + _control_sentences(result) + _better_than_default_sentences(result)
+          + _slow_methods_sentence(result))
 
 
 def _write_figure(heatmaps: dict[str, np.ndarray], examples: Sequence[Example], path: str,
                   num_images: int) -> None:
   """The first `num_images` examples, one overlay column per kept 'method@layer'."""
   shown = examples[:num_images]
+  # Methods computed on fewer images (study.SLOW_METHODS) are left out when they lack a row.
   columns = {k.split('@')[0] if k.startswith(study.FUSION) else k: maps[:len(shown)]
-             for k, maps in heatmaps.items() if not k.startswith(_LEFT_OUT_OF_FIGURE)}
+             for k, maps in heatmaps.items()
+             if k.split('@')[0] in _IN_FIGURE and len(maps) >= len(shown)}
   cam_figures.grid([e.image for e in shown], columns, path, row_titles=[e.id for e in shown],
                    masks=[None if e.masks is None else e.masks.any(-1) for e in shown])
 
@@ -287,9 +339,15 @@ def _table_lines(result: dict) -> list[str]:
            f'## Pointing game (tolerance {result["tolerance"]} px)', '',
            metric_table(result, 'pointing'), '']
   if result.get('faithfulness'):
-    lines += ['## Faithfulness without masks (deletion: lower is better; insertion: higher)',
-              '', '| method @ layer | deletion AUC | insertion AUC |', '|---|---|---|']
-    lines += [f'| {k} | {_fmt(v["deletion_auc"])} | {_fmt(v["insertion_auc"])} |'
+    lines += ['## Faithfulness without masks', '',
+              'Deletion and insertion AUC of the predicted grade\'s probability (deletion: lower '
+              'is better; insertion: higher), and ROAD (Rong et al. 2022; pytorch-grad-cam\'s '
+              'ROADCombined over percentiles 10-90: higher is better), which imputes the removed '
+              'pixels from their neighbours instead of blanking them.', '',
+              '| method @ layer | deletion AUC | insertion AUC | ROAD combined |',
+              '|---|---|---|---|']
+    lines += [f'| {k} | {_fmt(v["deletion_auc"])} | {_fmt(v["insertion_auc"])} | '
+              f'{_fmt(v.get("road_combined", float("nan")))} |'
               for k, v in result['faithfulness'].items()]
     lines.append('')
   if (result.get('controls') or {}).get('steps'):
@@ -358,7 +416,8 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
                  methods: Sequence[str] = study.DEFAULT_METHODS, image_size: int | None = None,
                  tolerance: float | None = None, faithfulness_images: int = 4,
                  seed: int = 1000, stats_size: int = 1024,
-                 controls: bool = True) -> pathlib.Path:
+                 controls: bool = True, pixel_methods: Sequence[str] = ('gradients',),
+                 slow_images: int | None = None) -> pathlib.Path:
   """The study for each run in `workdirs`; one report.md with a section per run.
 
   `tolerance` is the pointing game's, in pixels of the study's input; None scales
@@ -379,7 +438,8 @@ def run_workdirs(workdirs: Sequence[str], out_dir, *, dataset: str = 'synthetic_
     run = study.run_study(model, variables, examples, arch=config.model, methods=methods,
                           tolerance=round(tol, 1), faithfulness_images=faithfulness_images,
                           model_info=_model_info(pathlib.Path(workdir), config, dataset),
-                          controls=controls)
+                          controls=controls, pixel_methods=pixel_methods,
+                          slow_images=slow_images)
     path = write_report(run['result'], run['heatmaps'], examples, out_dir / config.model,
                         title=f'{config.model} on {dataset}')
     # One level down in the combined report, its figure one folder down.

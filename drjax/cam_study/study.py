@@ -10,12 +10,27 @@ import jax
 import numpy as np
 
 from drjax import evaluate, gradcam, localize
+from drjax import faithfulness as faithfulness_lib
 from drjax import mesh as mesh_lib
 from drjax.cam_study import controls as controls_lib
 from drjax.cam_study.examples import LESION_TYPES, Example
 from drjax.models import common
 
 DEFAULT_METHODS = ('gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam')
+# Every layer method of drjax.gradcam, RandomCAM the chance row, and every pixel-level one.
+ALL_METHODS = ('randomcam', 'gradcam', 'gradcam++', 'hirescam', 'xgradcam', 'layercam',
+               'gradcam_elementwise', 'eigencam', 'eigengradcam', 'kpcacam', 'fem', 'shapleycam',
+               'finercam', 'scorecam', 'ablationcam')
+ALL_PIXEL_METHODS = ('gradients', 'guided_backprop', 'guided_gradcam', 'fullgrad', 'sess')
+# One pass per channel (or per window and scale): computed on fewer images, without controls.
+SLOW_METHODS = ('scorecam', 'ablationcam', 'sess')
+# Maps of the activations alone, computed in the shared core program with the gradient ones.
+ACTS_MAPS = {
+    'eigencam': lambda acts, grads: gradcam.eigencam_map(acts),
+    'kpcacam': lambda acts, grads: gradcam.kpca_map(acts),
+    'fem': lambda acts, grads: gradcam.fem_map(acts),
+}
+CORE_MAPS = {**gradcam.CAM_MAPS, **ACTS_MAPS}
 FUSION = 'fusion'
 PAPER_SIZE = 224  # the paper's input size (its 7x7 denseblock4 map)
 # The controls' fresh init: not key 0, which the training runs' and the tests' inits use, so
@@ -57,43 +72,55 @@ def area_table(examples: Sequence[Example], shapes: dict[str, tuple]) -> dict[st
 def compute_heatmaps(model, variables, images_uint8: np.ndarray, layers: Sequence[str],
                      methods: Sequence[str] = DEFAULT_METHODS, *, targets=None,
                      fusion: bool = True, pixel_methods: Sequence[str] = ('gradients',),
-                     batch_size: int = 8) -> dict[str, np.ndarray]:
+                     batch_size: int = 8, slow_images: int | None = None
+                     ) -> dict[str, np.ndarray]:
   """'method@layer' -> heatmaps `[N, S, S]` in [0, 1], one core pass for all stages.
 
-  The gradient CAMs of all `layers` come from one forward/backward pass per batch
-  (`drjax.gradcam.activations_and_grads` with several layers). Score-CAM, if asked
-  for, runs separately per layer. `fusion` adds LayerCAM fusion of the layers
-  ('fusion@' + '+'.join(layers)); `pixel_methods` adds input-level attributions
-  ('gradients@input').
+  The gradient CAMs of all `layers` (and the activation-only ones: `CORE_MAPS`) come from one
+  forward/backward pass per batch (`drjax.gradcam.activations_and_grads` with several
+  layers). Every other method runs its own function per layer. `fusion` adds LayerCAM fusion
+  of the layers ('fusion@' + '+'.join(layers)); `pixel_methods` adds input-level attributions
+  ('gradients@input'). `SLOW_METHODS` are computed on the first `slow_images` images only
+  (None: all), so their arrays can be shorter.
 
   Each batch is split over this process's devices, the variables copied to each device once.
   """
   mesh = mesh_lib.make_mesh(jax.local_devices())
   variables = mesh_lib.replicate(variables, mesh)
+  n_slow = len(images_uint8) if slow_images is None else slow_images
   out: dict[str, list] = {}
   for i in range(0, len(images_uint8), batch_size):
     batch = images_uint8[i:i + batch_size]
     x = mesh_lib.shard_padded(batch, mesh)
     t = (targets if targets is None or callable(targets)
          else mesh_lib.shard_padded(np.asarray(targets)[i:i + batch_size], mesh))
-    maps = _batch_maps(model, variables, x, t, layers=tuple(layers), methods=tuple(methods),
-                       fusion=fusion, pixel_methods=tuple(pixel_methods))
+    slow = i < n_slow
+    maps = _batch_maps(model, variables, x, t, layers=tuple(layers),
+                       methods=tuple(m for m in methods if slow or m not in SLOW_METHODS),
+                       fusion=fusion, pixel_methods=tuple(
+                           m for m in pixel_methods if slow or m not in SLOW_METHODS),
+                       seed=i)
     for key, cam in maps.items():
-      out.setdefault(key, []).append(np.asarray(cam)[:len(batch)])  # drop the padding
+      keep = len(batch) if key.split('@')[0] not in SLOW_METHODS else min(len(batch), n_slow - i)
+      out.setdefault(key, []).append(np.asarray(cam)[:keep])  # drop the padding
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _batch_maps(model, variables, x, targets, *, layers, methods, fusion, pixel_methods):
+def _batch_maps(model, variables, x, targets, *, layers, methods, fusion, pixel_methods, seed):
   """`compute_heatmaps` of one (padded, sharded) batch, keys in the order of the report."""
   core = gradcam.activations_and_grads(model, variables, x, layer=layers, targets=targets)
   maps = _gradient_maps(core['acts'], core['grads'], layers=layers, size=tuple(x.shape[1:3]),
-                        methods=tuple(m for m in methods if m != 'scorecam'), fusion=fusion)
+                        methods=tuple(m for m in methods if m in CORE_MAPS), fusion=fusion)
   out = {}
   for m in methods:
     for layer in layers:
       key = f'{m}@{layer}'
-      out[key] = (gradcam.scorecam(model, variables, x, layer=layer, targets=targets)
-                  if m == 'scorecam' else maps[key])
+      if m in CORE_MAPS:
+        out[key] = maps[key]
+      elif m == 'randomcam':  # a fresh draw of weights per batch: chance, not a fixed pattern
+        out[key] = gradcam.randomcam(model, variables, x, layer=layer, rng=seed)
+      else:
+        out[key] = gradcam.get_method(m)(model, variables, x, layer=layer, targets=targets)
   if fusion:
     key = f'{FUSION}@{"+".join(layers)}'
     out[key] = maps[key]
@@ -104,10 +131,9 @@ def _batch_maps(model, variables, x, targets, *, layers, methods, fusion, pixel_
 
 @functools.partial(jax.jit, static_argnames=('methods', 'layers', 'size', 'fusion'))
 def _gradient_maps(acts, grads, *, methods, layers, size, fusion):
-  """Every gradient method's post-processed maps at every layer, and their fusion, as one
+  """Every core method's post-processed maps at every layer, and their fusion, as one
   compiled program rather than a chain of small eager ops per map."""
-  maps = {f'{m}@{layer}': gradcam.postprocess(gradcam.CAM_MAPS[m](acts[layer], grads[layer]),
-                                              size)
+  maps = {f'{m}@{layer}': gradcam.postprocess(CORE_MAPS[m](acts[layer], grads[layer]), size)
           for m in methods for layer in layers}
   if fusion:
     fused = gradcam.layercam_fusion(acts, grads, size)
@@ -120,25 +146,31 @@ def score_heatmaps(heatmaps: dict[str, np.ndarray], examples: Sequence[Example],
   """'method@layer' -> lesion type -> mean scores (drjax.localize.aggregate)."""
   return {key: localize.aggregate([localize.score_lesions(maps[i], e.masks, LESION_TYPES,
                                                           tolerance)
-                                   for i, e in enumerate(examples)])
+                                   for i, e in enumerate(examples[:len(maps)])])
           for key, maps in heatmaps.items()}
 
 
 def faithfulness(model, variables, examples: Sequence[Example], heatmaps: dict[str, np.ndarray],
                  num_images: int = 4, steps: int = 8) -> dict[str, dict[str, float]]:
-  """Mean deletion/insertion AUCs (probability of the predicted grade) per 'method@layer'."""
+  """Per 'method@layer', the mean over the first `num_images` images of the deletion and
+  insertion AUCs and ROAD combined (drjax.faithfulness.road_combined), all of the probability
+  of the predicted grade."""
   apply = jax.jit(functools.partial(evaluate.predict_probs, model, variables))
   out = {}
   for key, maps in heatmaps.items():
+    n = min(num_images, len(maps))
+    x = np.asarray(common.normalize(np.stack([e.image for e in examples[:n]])))
+    classes = np.argmax(np.asarray(apply(x)), -1)
     dels, ins = [], []
-    for i, e in enumerate(examples[:num_images]):
-      x = np.asarray(common.normalize(e.image[None]))[0]
-      cls = int(np.argmax(apply(x[None])[0]))
-      res = localize.deletion_insertion(lambda b, c=cls: np.asarray(apply(b))[:, c], x, maps[i],
-                                        steps=steps, batch_size=2 * steps + 2)
+    for i in range(n):
+      res = localize.deletion_insertion(lambda b, c=classes[i]: np.asarray(apply(b))[:, c],
+                                        x[i], maps[i], steps=steps, batch_size=2 * steps + 2)
       dels.append(res['deletion_auc'])
       ins.append(res['insertion_auc'])
-    out[key] = dict(deletion_auc=float(np.mean(dels)), insertion_auc=float(np.mean(ins)))
+    road = faithfulness_lib.road_combined(model, variables, x, maps[:n], targets=classes,
+                                          softmax=True, apply_kwargs={'train': False})
+    out[key] = dict(deletion_auc=float(np.mean(dels)), insertion_auc=float(np.mean(ins)),
+                    road_combined=float(np.mean(np.asarray(road))))
   return out
 
 
@@ -156,11 +188,13 @@ def predicted_classes(model, variables, images_uint8: np.ndarray,
 
 def run_controls(model, variables, examples: Sequence[Example], heatmaps: dict[str, np.ndarray],
                  *, layers: Sequence[str], methods: Sequence[str], tolerance: float,
+                 pixel_methods: Sequence[str] = ('gradients',),
                  seed: int = CONTROLS_SEED) -> dict:
   """The randomisation cascade and the untrained network, scored like the trained model.
 
   Every map explains the trained model's predicted grade, so that the parameters are the only
   thing that changes. `heatmaps` are the trained model's maps (`compute_heatmaps`).
+  `SLOW_METHODS` are left out: each step would cost them as much as the whole study.
 
   Returns:
     dict(seed, target (what every map explains), steps=[dict(name, reinitialised (parameter
@@ -176,7 +210,9 @@ def run_controls(model, variables, examples: Sequence[Example], heatmaps: dict[s
   out = []
   for step in steps:
     randomised = controls_lib.reinitialise(jax.device_get(variables), fresh, step.leaves)
-    maps = compute_heatmaps(model, randomised, images, layers, methods, targets=targets)
+    maps = compute_heatmaps(model, randomised, images, layers,
+                            [m for m in methods if m not in SLOW_METHODS], targets=targets,
+                            pixel_methods=[m for m in pixel_methods if m not in SLOW_METHODS])
     out.append(dict(
         name=step.name, reinitialised=controls_lib.describe(fresh['params'], step.leaves),
         parameter_fraction=controls_lib.parameter_fraction(fresh['params'], step.leaves),
@@ -189,11 +225,13 @@ def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
               methods: Sequence[str] = DEFAULT_METHODS, layers: Sequence[str] | None = None,
               tolerance: float = 15, faithfulness_images: int = 4,
               model_info: dict | None = None, controls: bool = True,
-              controls_seed: int = CONTROLS_SEED) -> dict:
+              controls_seed: int = CONTROLS_SEED,
+              pixel_methods: Sequence[str] = ('gradients',),
+              slow_images: int | None = None) -> dict:
   """Heatmaps, localisation scores, area argument, faithfulness and controls of one model.
 
   `controls` adds `run_controls` (the randomisation cascade and the untrained network), which
-  recomputes every map once per step.
+  recomputes every map once per step. `SLOW_METHODS` run on the first `slow_images` images.
 
   Returns:
     dict(result=the JSON-able numbers `drjax.cam_study.report` writes up,
@@ -202,7 +240,8 @@ def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
   layers = tuple(layers or study_layers(model))
   images = np.stack([e.image for e in examples])
   size = images.shape[1]
-  heatmaps = compute_heatmaps(model, variables, images, layers, methods)
+  heatmaps = compute_heatmaps(model, variables, images, layers, methods,
+                              pixel_methods=pixel_methods, slow_images=slow_images)
   shapes = layer_shapes(model, variables, size, layers)
   paper_shapes = layer_shapes(model, variables, PAPER_SIZE, layers)
   result = dict(
@@ -210,11 +249,15 @@ def run_study(model, variables, examples: Sequence[Example], *, arch: str = '',
       layers=list(layers), layer_shapes={k: list(v) for k, v in shapes.items()},
       paper_layer_shapes={k: list(v) for k, v in paper_shapes.items()},
       default_layer=model.default_cam_layer, tolerance=tolerance, methods=list(methods),
+      pixel_methods=list(pixel_methods),
+      slow_methods={k.split('@')[0]: len(v) for k, v in heatmaps.items()
+                    if k.split('@')[0] in SLOW_METHODS},
       scores=score_heatmaps(heatmaps, examples, tolerance),
       areas=area_table(examples, shapes), model_info=model_info or {},
       faithfulness=(faithfulness(model, variables, examples, heatmaps, faithfulness_images)
                     if faithfulness_images else {}))
   if controls:
     result['controls'] = run_controls(model, variables, examples, heatmaps, layers=layers,
-                                      methods=methods, tolerance=tolerance, seed=controls_seed)
+                                      methods=methods, tolerance=tolerance,
+                                      pixel_methods=pixel_methods, seed=controls_seed)
   return dict(result=result, heatmaps=heatmaps)
