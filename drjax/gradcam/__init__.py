@@ -71,6 +71,16 @@ from drjax.gradcam.core import (
   prepare_images,
   referable_dr_target,
 )
+from drjax.gradcam.fullgrad import fullgrad, fullgrad_layers, fullgrad_map, fullgrad_terms
+from drjax.gradcam.guided import (
+  deprocess_image,
+  guided_backprop,
+  guided_backprop_attributions,
+  guided_gradcam,
+  guided_gradcam_attributions,
+  guided_relu,
+  guided_relus,
+)
 from drjax.gradcam.maps import (
   CAM_MAPS,
   KPCA_KERNELS,
@@ -138,6 +148,9 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
     'ablationcam': ablationcam,
     'refinecam': refinecam,
     'sess': sess,
+    'guided_backprop': guided_backprop,
+    'guided_gradcam': guided_gradcam,
+    'fullgrad': fullgrad,
     'fusion': fusion,
     'gradients': gradients,
     'smoothgrad': smoothgrad,
@@ -146,6 +159,9 @@ METHODS: dict[str, Callable[..., jax.Array]] = {
 
 
 __all__ = [
+    'deprocess_image', 'fullgrad', 'fullgrad_layers', 'fullgrad_map', 'fullgrad_terms',
+    'guided_backprop', 'guided_backprop_attributions', 'guided_gradcam',
+    'guided_gradcam_attributions', 'guided_relu', 'guided_relus',
     'ablationcam', 'refinecam', 'sess',
     'FinerTarget', 'KPCA_KERNELS', 'eigencam', 'eigencam_map', 'eigengradcam',
     'eigengradcam_map', 'fem', 'fem_map', 'finercam', 'gradcam_elementwise',
