@@ -13,7 +13,7 @@ import test_gradcam_parity as parity
 from flax import linen as nn
 from flax import nnx
 
-from drjax.gradcam import fullgrad
+from drjax.gradcam import full_gradient as fullgrad
 
 torch = pytest.importorskip('torch')
 from pytorch_grad_cam import FullGrad  # noqa: E402

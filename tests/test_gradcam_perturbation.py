@@ -25,7 +25,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 from test_gradcam_parity import _randomised, _scale, _threads  # noqa: E402, F401  (autouse)
 
 from drjax import gradcam, models, weights  # noqa: E402
-from drjax.gradcam import core, perturbation, refine, sess  # noqa: E402
+from drjax.gradcam import core, perturbation, refine  # noqa: E402
+from drjax.gradcam import sliding as sess  # noqa: E402
 
 NUM_CLASSES = 10
 

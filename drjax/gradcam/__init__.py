@@ -46,7 +46,11 @@ over them (`drjax.cam_study.compute_heatmaps` does so).
   maps     each method's (acts, grads) -> map formula, and post-processing
   methods  the CAM methods: gradcam, gradcam_plusplus, hirescam, xgradcam, layercam,
            fusion, scorecam
+  cams     Grad-CAM element-wise, Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM, FEM, ShapleyCAM,
+           FinerCAM, RandomCAM
+  perturbation, sliding, refine   AblationCAM; SESS; RefineCAM
   pixel    gradients, smoothgrad, integrated_gradients
+  guided, full_gradient   guided backprop and Guided Grad-CAM; FullGrad
 """
 
 from collections.abc import Callable
@@ -71,7 +75,7 @@ from drjax.gradcam.core import (
   prepare_images,
   referable_dr_target,
 )
-from drjax.gradcam.fullgrad import fullgrad, fullgrad_layers, fullgrad_map, fullgrad_terms
+from drjax.gradcam.full_gradient import fullgrad, fullgrad_layers, fullgrad_map, fullgrad_terms
 from drjax.gradcam.guided import (
   deprocess_image,
   guided_backprop,
@@ -121,7 +125,7 @@ from drjax.gradcam.pixel import (
   smoothgrad,
 )
 from drjax.gradcam.refine import refinecam
-from drjax.gradcam.sess import sess
+from drjax.gradcam.sliding import sess
 from drjax.gradcam.taps import (
   layer_names,
   reshape_tokens,
