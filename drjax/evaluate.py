@@ -34,9 +34,15 @@ def predict_probs(model: nn.Module, variables: PyTree, x: jax.Array) -> jax.Arra
 
 
 def evaluate(model: nn.Module, variables: PyTree, batches: Iterator[Mapping[str, np.ndarray]],
-             mesh: jax.sharding.Mesh, eval_fn: Callable | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
+             mesh: jax.sharding.Mesh, eval_fn: Callable | None = None,
+             input_key: str = 'image') -> tuple[np.ndarray, np.ndarray]:
   """Runs the model over an eval iterator (padded batches with `valid`).
+
+  Args:
+    model, variables: what `eval_fn` (default `eval_step`) runs.
+    batches: dicts of `input_key` (what `eval_fn` takes: 'image' uint8 [b, H, W, 3], or the
+      trunk cache's 'trunk' [b, h, w, C]), `label` and `valid`.
+    mesh: the batches are sharded over its 'data' axis.
 
   Returns:
     `(labels [N] int, probs [N, K] float32)` over the valid examples.
@@ -47,7 +53,8 @@ def evaluate(model: nn.Module, variables: PyTree, batches: Iterator[Mapping[str,
   for batch in batches:
     batch = dict(batch)
     valid = np.asarray(batch.pop('valid', np.ones(len(batch['label']), bool)))
-    probs = eval_fn(variables, mesh_lib.shard_batch({'image': batch['image']}, mesh)['image'])
+    inputs = mesh_lib.shard_batch({input_key: batch[input_key]}, mesh)[input_key]
+    probs = eval_fn(variables, inputs)
     probs = np.asarray(jax.device_get(probs))
     # probs cover the global batch; labels/valid are this process's rows of it.
     valid = distributed.gather_rows(valid)

@@ -1,4 +1,5 @@
-"""Which parameters train: label trees from parameter paths, and the trainable/frozen split.
+"""Which parameters train: label trees from parameter paths, the trainable/frozen split, and
+the frozen modules' BatchNorms on their running statistics.
 
 A parameter's path is its '/'-joined key path in the params tree, e.g.
 'features/denseblock4/denselayer16/conv2/kernel' (names follow torchvision, so
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+from flax import linen as nn
 
 from drjax import errors
 
@@ -170,3 +172,31 @@ def count(params: PyTree, labels: PyTree) -> dict[str, int]:
   for keys, label in _flat(labels).items():
     out[label] = out.get(label, 0) + int(getattr(flat_p[keys], 'size', 0))
   return out
+
+
+def _bn_inference(module: nn.BatchNorm, x: jax.Array) -> jax.Array:
+  """BatchNorm with its running statistics, whatever mode the model asked for."""
+  mean = module.get_variable('batch_stats', 'mean')
+  var = module.get_variable('batch_stats', 'var')
+  y = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + module.epsilon).astype(x.dtype)
+  if module.use_scale:
+    y = y * module.get_variable('params', 'scale').astype(x.dtype)
+  if module.use_bias:
+    y = y + module.get_variable('params', 'bias').astype(x.dtype)
+  return y
+
+
+def make_frozen_bn_interceptor(frozen_modules: set[tuple[str, ...]]):
+  """flax method interceptor running the BatchNorms at `frozen_modules` in inference mode.
+
+  A frozen stage then sees the statistics it was trained with (its running averages, e.g.
+  ImageNet's) instead of the batch's, and its `batch_stats` are left exactly as they are, as
+  in PyTorch fine-tuning with those layers in eval().
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name == '__call__' and isinstance(module, nn.BatchNorm)
+        and tuple(module.scope.path) in frozen_modules):
+      return _bn_inference(module, args[0])
+    return next_fun(*args, **kwargs)
+  return interceptor

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import ml_collections as mlc
 
-from drjax import weights
+from drjax import trunk_cache, weights
 from drjax.data import augment, pipeline
 
 # The named variants a config file can offer (`configs/densenet.py:study224`), each the
@@ -79,6 +79,9 @@ def get_config(arg: str | None, *, model: str, trainable: Sequence[str], smoke_m
   # Frozen stages' BatchNorms use their running (ImageNet) statistics and are not
   # updated, as in PyTorch with those modules in eval(); False: batch statistics.
   c.frozen_bn_inference = True
+  # The frozen trunk's output computed once per image and view and read from disk, so that a
+  # step costs only the trainable layers (drjax.trunk_cache); on in the frozen recipes.
+  c.trunk_cache = trunk_cache.default_config()
   c.mixed_precision = 'float32'  # or 'bfloat16': bf16 compute, float32 master weights
   # The XLA:CPU convolutions (drjax.kernels.cpu_conv) when running on a CPU, where they train
   # faster at 224 px (benchmarks/README.md); ignored on other backends.
@@ -144,6 +147,7 @@ def _paper_scale(c: mlc.ConfigDict) -> None:
   c.log_every = 50
   c.eval_every = 1000
   c.checkpoint_every = 1000
+  c.trunk_cache.enabled = True  # 8 views of each training image (drjax.trunk_cache)
 
 
 def _at_224(c: mlc.ConfigDict, *, batch_size: int, num_steps: int, warmup_steps: int,
@@ -250,6 +254,7 @@ def _transfer224(c: mlc.ConfigDict) -> None:
   c.optimizer.update(lr=1e-4, schedule='constant', warmup_steps=0)
   c.weights.pretrained = True
   c.weights.path = weights.REQUIRED_PATH
+  c.trunk_cache.enabled = True  # 8 views of each of the 330 training images
 
 
 _VARIANT_FNS = {

@@ -9,22 +9,21 @@ trainable (`config.trainable`, see `drjax.freeze`), Adam, cross-entropy.
 The train step is one pure jitted function (big_vision's update_fn): it differentiates only
 the trainable partition of the parameters, so the frozen trunk's backward pass is never
 built, and runs data-parallel over all devices through `jax.jit` on a `Mesh` (batch on
-'data', state replicated).
+'data', state replicated). With `config.trunk_cache` the frozen trunk's forward pass is not
+run either: it is fed the trunk's output cached on disk (drjax.trunk_cache).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
-import os
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -36,8 +35,11 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from drjax import checkpoint, distributed, errors, evaluate, freeze, models
+from drjax import checkpoint, distributed, errors, evaluate, freeze, models, run_files
 from drjax import mesh as mesh_lib
+
+if TYPE_CHECKING:
+  from drjax import trunk_cache
 
 PyTree = Any
 
@@ -119,34 +121,6 @@ def create_train_state(variables: Mapping[str, PyTree], tx: optax.GradientTransf
 # ----------------------------------------------------------------------------- the step
 
 
-def _bn_inference(module: nn.BatchNorm, x: jax.Array) -> jax.Array:
-  """BatchNorm with its running statistics, whatever mode the model asked for."""
-  mean = module.get_variable('batch_stats', 'mean')
-  var = module.get_variable('batch_stats', 'var')
-  y = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + module.epsilon).astype(x.dtype)
-  if module.use_scale:
-    y = y * module.get_variable('params', 'scale').astype(x.dtype)
-  if module.use_bias:
-    y = y + module.get_variable('params', 'bias').astype(x.dtype)
-  return y
-
-
-def make_frozen_bn_interceptor(frozen_modules: set[tuple[str, ...]]):
-  """flax method interceptor running the BatchNorms at `frozen_modules` in inference mode.
-
-  A frozen stage then sees the statistics it was trained with (its running averages, e.g.
-  ImageNet's) instead of the batch's, and its `batch_stats` are left exactly as they are, as
-  in PyTorch fine-tuning with those layers in eval().
-  """
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name == '__call__' and isinstance(module, nn.BatchNorm)
-        and tuple(module.scope.path) in frozen_modules):
-      return _bn_inference(module, args[0])
-    return next_fun(*args, **kwargs)
-  return interceptor
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy; logits [B, K], integer labels [B] -> [B]."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
@@ -155,12 +129,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, labels: PyTree,
                augment_fn: Callable | None, frozen_bn_inference: bool,
-               compute_dtype: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+               compute_dtype: Any, cut: trunk_cache.Cut | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on a global batch (bind the keyword args with functools.partial).
 
   Args:
     state: current TrainState (donated by the jitted wrapper).
-    batch: `image` uint8 [B, H, W, 3], `label` int32 [B].
+    batch: `image` uint8 [B, H, W, 3] (with `cut`: `trunk` [B, h, w, C], the trunk's
+      output cached by drjax.trunk_cache), `label` int32 [B].
     rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
     model: flax module (`models.get_model`).
     tx: optimizer over the trainable partition.
@@ -170,16 +146,22 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     compute_dtype: dtype the normalised images are cast to; the model's own `dtype` (e.g.
       `get_model(..., dtype=jnp.bfloat16)`) sets its compute dtype while its parameters, the
       gradients and the optimizer stay float32.
+    cut: a `drjax.trunk_cache.Cut`: `batch['trunk']` is fed to the model at that point and
+      nothing below it is computed (its augmentation happened when the cache was built);
+      None: the model takes the images.
 
   Returns:
     `(new_state, metrics)` with scalar `loss`, `accuracy`, `grad_norm`.
   """
   rng = jax.random.fold_in(rng, state.step)
   aug_rng, dropout_rng = jax.random.split(rng)
-  images = batch['image']
-  if augment_fn is not None:
-    images, _ = augment_fn(aug_rng, images)
-  x = models.normalize(images).astype(compute_dtype)
+  if cut is None:
+    images = batch['image']
+    if augment_fn is not None:
+      images, _ = augment_fn(aug_rng, images)
+    x, fed = models.normalize(images).astype(compute_dtype), {}
+  else:
+    x, fed = cut.model_inputs(batch['trunk'], compute_dtype)
   trainable, frozen = freeze.partition(state.params, labels)
   frozen_modules = freeze.frozen_module_paths(labels) if frozen_bn_inference else set()
 
@@ -187,9 +169,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     # Only `trainable` is differentiated: the frozen half is a constant, so XLA never
     # builds the backward pass below the first trainable layer.
     params = freeze.merge(trainable, frozen)
-    with nn.intercept_methods(make_frozen_bn_interceptor(frozen_modules)):
+    with nn.intercept_methods(freeze.make_frozen_bn_interceptor(frozen_modules)):
       logits, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+          {'params': params, 'batch_stats': state.batch_stats, **fed}, x, train=True,
           mutable=['batch_stats'], rngs={'dropout': dropout_rng})
     logits = logits.astype(jnp.float32)
     loss = jnp.mean(cross_entropy(logits, batch['label']))
@@ -214,12 +196,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: PyTree, *,
                     augment_fn: Callable | None = None, frozen_bn_inference: bool = True,
-                    mixed_precision: str = 'float32', mesh: Mesh | None = None):
+                    mixed_precision: str = 'float32', mesh: Mesh | None = None,
+                    cut: trunk_cache.Cut | None = None):
   """`train_step` with its static pieces bound, jitted once with the state donated.
 
   For `mixed_precision='bfloat16'` pass a model built with `dtype=jnp.bfloat16`: bf16
   activations and matmuls, float32 master weights. With a mesh, the state (and metrics)
   come out replicated and the batch is expected sharded on 'data' (`mesh.shard_batch`).
+  With `cut` the step takes the trunk cache's `batch['trunk']` instead of images.
   """
   if mixed_precision not in _COMPUTE_DTYPES:
     raise errors.ConfigError(f'mixed_precision must be one of {sorted(_COMPUTE_DTYPES)}, '
@@ -227,7 +211,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
   step_fn = functools.partial(
       train_step, model=model, tx=tx, labels=labels, augment_fn=augment_fn,
       frozen_bn_inference=frozen_bn_inference,
-      compute_dtype=_COMPUTE_DTYPES[mixed_precision])
+      compute_dtype=_COMPUTE_DTYPES[mixed_precision], cut=cut)
   kwargs = {}
   if mesh is not None:
     kwargs['out_shardings'] = NamedSharding(mesh, P())
@@ -252,12 +236,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str | pathlib.Path) -> d
     FloatingPointError: a non-finite training loss or gradient (the last checkpoint saved
       before it is kept).
     drjax.checkpoint.IncompatibleCheckpointError: `workdir` belongs to another model.
-    WorkdirBusyError: another run is using `workdir`.
+    drjax.run_files.WorkdirBusyError: another run is using `workdir`.
   """
   from drjax.data import pipeline
 
   workdir = pathlib.Path(workdir)
-  with workdir_lock(workdir):
+  with run_files.workdir_lock(workdir):
     _write_config(config, workdir)
     mesh = mesh_lib.make_mesh()
     _check_batch_sizes(config, mesh)
@@ -285,7 +269,8 @@ class _Run:
   start_step: int
   model: nn.Module
   tx: optax.GradientTransformation
-  eval_fn: Callable  # jitted evaluate.eval_step, built once for every evaluation
+  eval_fn: Callable  # jitted evaluate.eval_step (or the cache's), built once for every evaluation
+  cache: trunk_cache.TrunkCache | None = None  # None: the model takes images
 
 
 def _write_config(config: mlc.ConfigDict, workdir: pathlib.Path) -> None:
@@ -406,21 +391,32 @@ def _initial_weights(config: mlc.ConfigDict, init_variables: PyTree,
 def _train(config: mlc.ConfigDict, run: _Run, ds, mesh: Mesh, workdir: pathlib.Path,
            manager) -> TrainState:
   """The training loop: steps, logging, evaluation and checkpoints until `num_steps`."""
+  from drjax import trunk_cache
   from drjax.data import pipeline
 
-  step_fn = _make_step_fn(config, run, mesh)
+  if config.mixed_precision not in _COMPUTE_DTYPES:
+    raise errors.ConfigError(f'config.mixed_precision must be one of '
+                             f'{sorted(_COMPUTE_DTYPES)}, got {config.mixed_precision!r}')
+  # Mixed precision: the step's model computes in bf16; params, grads and Adam stay float32.
+  compute_model = run.model.clone(dtype=_COMPUTE_DTYPES[config.mixed_precision])
+  run.cache = trunk_cache.prepare(config, compute_model, _variables(run.state), run.labels, ds)
+  if run.cache is not None:
+    run.eval_fn = run.cache.make_eval_fn(run.model, mesh)
+  step_fn = _make_step_fn(config, run, compute_model, mesh)
   train_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   # The stream is a pure function of (seed, step): a resumed run continues exactly where the
   # checkpointed one was.
+  load = None if run.cache is None else run.cache.train_load()
   batches = pipeline.make_train_iterator(
       config.input, ds.train, config.batch_size, config.seed, start_step=run.start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  batches = mesh_lib.prefetch_to_mesh(
-      ({'image': b['image'], 'label': b['label']} for b in batches), mesh,
-      config.input.get('device_prefetch', 0))
+      process_index=jax.process_index(), process_count=jax.process_count(), load=load)
+  key = 'image' if run.cache is None else 'trunk'
+  batches = mesh_lib.prefetch_to_mesh(({key: b[key], 'label': b['label']} for b in batches),
+                                      mesh, config.input.get('device_prefetch', 0))
   logger = _TrainLogger(make_schedule(config.optimizer, config.num_steps), run.start_step)
   state, postfix = run.state, {}
-  with metric_writer(workdir, run.start_step) as write, _progress_bar(config, run) as bar:
+  with (run_files.metric_writer(workdir, run.start_step) as write,
+        _progress_bar(config, run) as bar):
     for step in range(run.start_step + 1, config.num_steps + 1):
       state, step_metrics = step_fn(state, next(batches), train_rng)
       logger.add(step_metrics)
@@ -445,31 +441,31 @@ def _train(config: mlc.ConfigDict, run: _Run, ds, mesh: Mesh, workdir: pathlib.P
   return state
 
 
-def _make_step_fn(config: mlc.ConfigDict, run: _Run, mesh: Mesh) -> Callable:
-  """The jitted train step of the run's model, at `config.mixed_precision`."""
+def _make_step_fn(config: mlc.ConfigDict, run: _Run, compute_model: nn.Module,
+                  mesh: Mesh) -> Callable:
+  """The jitted train step of `compute_model`, on images or on the run's trunk cache."""
   augment_fn = None
-  if config.augment_enabled:
+  if config.augment_enabled and run.cache is None:
     from drjax.data import augment
     augment_fn = augment.make_augment_fn(config.augment)
-  if config.mixed_precision not in _COMPUTE_DTYPES:
-    raise errors.ConfigError(f'config.mixed_precision must be one of '
-                             f'{sorted(_COMPUTE_DTYPES)}, got {config.mixed_precision!r}')
-  # Mixed precision: the step's model computes in bf16; params, grads and Adam stay float32.
-  compute_model = run.model.clone(dtype=_COMPUTE_DTYPES[config.mixed_precision])
   return make_train_step(compute_model, run.tx, run.labels, augment_fn=augment_fn,
                          frozen_bn_inference=config.frozen_bn_inference,
-                         mixed_precision=config.mixed_precision, mesh=mesh)
+                         mixed_precision=config.mixed_precision, mesh=mesh,
+                         cut=None if run.cache is None else run.cache.cut)
 
 
 def _run_eval(config: mlc.ConfigDict, run: _Run, state: TrainState, ds,
               mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(labels, probabilities) of the validation split."""
+  """(labels, probabilities) of the validation split (from the trunk cache if the run has one)."""
   from drjax.data import pipeline
 
+  cache = run.cache
   batches = pipeline.make_eval_iterator(
       config.input, ds.validation, config.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return evaluate.evaluate(run.model, _variables(state), batches, mesh, run.eval_fn)
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      load=None if cache is None else cache.eval_load('validation'))
+  return evaluate.evaluate(run.model, _variables(state), batches, mesh, run.eval_fn,
+                           input_key='image' if cache is None else 'trunk')
 
 
 def _variables(state: TrainState) -> dict:
@@ -536,7 +532,7 @@ def _finish(config: mlc.ConfigDict, run: _Run, state: TrainState, ds, mesh: Mesh
                  'dataset': config.input.dataset})
   if not distributed.is_main_process():
     return report  # metrics.json and the figures are process 0's
-  rows = [r for r in read_metrics_jsonl(workdir) if 'train_loss' in r]
+  rows = [r for r in run_files.read_metrics_jsonl(workdir) if 'train_loss' in r]
   if rows:
     plots.loss_curve([r['step'] for r in rows], [r['train_loss'] for r in rows],
                      workdir / 'loss_curve.png', title=f'{config.model} training loss')
@@ -619,78 +615,3 @@ def _loud_warning(message: str) -> None:
 
 def _abstract(tree: PyTree, sharding) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-@contextlib.contextmanager
-def metric_writer(workdir: pathlib.Path, start_step: int) -> Iterator[Callable[[int, dict],
-                                                                              None]]:
-  """Yields `write(step, scalars)`: TensorBoard scalars (tensorboardX) and a metrics.jsonl line.
-
-  A resumed run replays the steps after its checkpoint, so their earlier lines and events
-  are dropped. Processes other than 0 get a writer that writes nothing.
-  """
-  if not distributed.is_main_process():
-    yield lambda step, scalars: None
-    return
-  import tensorboardX
-
-  path = workdir / 'metrics.jsonl'
-  if path.exists():
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)['step'] <= start_step]
-    path.write_text(''.join(line + '\n' for line in kept))
-  tb = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step or None)
-
-  def write(step: int, scalars: Mapping[str, float]) -> None:
-    with path.open('a') as f:
-      f.write(json.dumps({'step': step, **scalars}) + '\n')
-    for k, v in scalars.items():
-      tb.add_scalar(k, v, step)
-
-  try:
-    yield write
-  finally:
-    tb.close()
-
-
-def read_metrics_jsonl(workdir: str | pathlib.Path) -> list[dict]:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class WorkdirBusyError(errors.UserError, RuntimeError):
-  """Another live run holds the workdir's lock."""
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: pathlib.Path):
-  """Holds an exclusive lock on `workdir/.lock` for one run (process 0 only).
-
-  Two runs writing one workdir would interleave checkpoints and metrics and overwrite each
-  other's results. The lock is an flock, so the kernel drops it when its holder dies, even by
-  SIGKILL: a killed run never blocks its resume.
-  """
-  if not distributed.is_main_process():
-    yield
-    return
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / '.lock'
-  with open(path, 'a+') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or 'unknown'
-      raise WorkdirBusyError(
-          f'{workdir} is in use by another drjax run ({holder}). Wait for it to finish, '
-          'stop it, or pass another --workdir.') from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-    f.flush()
-    try:
-      yield
-    finally:
-      f.seek(0)
-      f.truncate()
-      fcntl.flock(f, fcntl.LOCK_UN)

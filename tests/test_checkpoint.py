@@ -17,7 +17,7 @@ import pytest
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags
 
-from drjax import checkpoint, evaluate, train
+from drjax import checkpoint, evaluate, run_files, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KILL_AT = 5  # SIGKILL after step 5: after the step-3 checkpoint, before the step-6 one.
@@ -55,7 +55,7 @@ def _final(workdir):
   _, _, variables = evaluate.load_run(workdir)
   report = json.loads((workdir / 'metrics.json').read_text())
   rows = [{k: v for k, v in r.items() if k != 'steps_per_sec'}
-          for r in train.read_metrics_jsonl(workdir)]
+          for r in run_files.read_metrics_jsonl(workdir)]
   return jax.device_get(variables), report, rows
 
 
@@ -95,7 +95,7 @@ def test_sigkill_mid_training_then_restart_gives_the_uninterrupted_result(
                           text=True, timeout=600)
   assert result.returncode == -9, result.stderr[-3000:]
   assert not (workdir / 'metrics.json').exists()
-  assert max(r['step'] for r in train.read_metrics_jsonl(workdir)) >= 4  # it got past step 3
+  assert max(r['step'] for r in run_files.read_metrics_jsonl(workdir)) >= 4  # it got past step 3
   train.train_and_evaluate(_config(data_dir), workdir)  # restart: resumes by itself
   _assert_same_run(workdir, reference_run)
 

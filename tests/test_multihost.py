@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from drjax import distributed, evaluate, train
+from drjax import distributed, evaluate, run_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Generous: the runs take seconds on an idle machine; these only turn a hang into a failure.
@@ -112,7 +112,7 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path, 
   assert codes == [0, 0], _logs(logs2)
   assert sorted(int(p.name) for p in (w2 / 'checkpoints').iterdir() if p.name.isdigit()) == [2, 4]
   # Only process 0 logs: one line per step, not one per process.
-  rows2 = [r for r in train.read_metrics_jsonl(w2) if 'train_loss' in r]
+  rows2 = [r for r in run_files.read_metrics_jsonl(w2) if 'train_loss' in r]
   assert [r['step'] for r in rows2] == [1, 2, 3, 4]
   assert (w2 / 'metrics.json').exists()
 
@@ -133,7 +133,7 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(tmp_path, 
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        at2['params'], two['params'])
   assert max(jax.tree.leaves(moved)) > 1e-4  # steps 3-4 did change the parameters
-  rows1 = {r['step']: r for r in train.read_metrics_jsonl(w1) if 'train_loss' in r}
+  rows1 = {r['step']: r for r in run_files.read_metrics_jsonl(w1) if 'train_loss' in r}
   for r in rows2[2:]:
     np.testing.assert_allclose(rows1[r['step']]['train_loss'], r['train_loss'], rtol=1e-5)
 

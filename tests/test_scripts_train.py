@@ -6,7 +6,7 @@ import os
 import pytest
 from script_runner import REPO, run_ok, run_script
 
-from drjax import evaluate, train
+from drjax import evaluate, run_files
 
 SMOKE = REPO / 'configs' / 'densenet.py:smoke'
 
@@ -28,7 +28,7 @@ def test_train_script_leaves_every_artefact(smoke_run):
   assert (workdir / 'gradcam' / 'panel.png').stat().st_size > 0
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model'] == 'densenet_tiny'
-  rows = train.read_metrics_jsonl(workdir)
+  rows = run_files.read_metrics_jsonl(workdir)
   assert [r['step'] for r in rows if 'train_loss' in r] == [2, 3, 4, 6]
   assert [r['step'] for r in rows if 'val_kappa' in r] == [3, 6]
   report = json.loads((workdir / 'metrics.json').read_text())
@@ -96,7 +96,7 @@ def test_train_script_reports_a_flag_or_weights_mistake_in_one_line(tmp_path, ar
 
 def test_train_script_refuses_a_workdir_in_use(tmp_path):
   workdir = tmp_path / 'run'
-  with train.workdir_lock(workdir):
+  with run_files.workdir_lock(workdir):
     result = run_script('train.py', '--config', SMOKE, '--workdir', workdir,
                         f'--config.input.data_dir={tmp_path / "tfds"}', cwd=tmp_path,
                         timeout=300)

@@ -1,11 +1,7 @@
 """Tests for the train step (drjax.train): freezing, skipped frozen backward pass, sharding,
 learning, mixed precision, and the random-init policy."""
 
-import os
 import pathlib
-import signal
-import subprocess
-import sys
 
 import chex
 import jax
@@ -198,48 +194,6 @@ def test_panel_indices_show_every_grade_highest_first():
   assert len(train.panel_indices(labels, 100)) == len(labels)
 
 
-def test_workdir_lock_refuses_a_second_run_and_touches_nothing(tmp_path):
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
-  (workdir / 'metrics.jsonl').write_text('{"step": 1}\n')
-  with train.workdir_lock(workdir):
-    assert f'pid {os.getpid()}' in (workdir / '.lock').read_text()
-    busy = f'in use by another drjax run.*pid {os.getpid()}'
-    with pytest.raises(train.WorkdirBusyError, match=busy):
-      with train.workdir_lock(workdir):
-        pass
-    # The whole run refuses before reading its config or writing anything.
-    with pytest.raises(train.WorkdirBusyError, match='--workdir'):
-      train.train_and_evaluate(mlc.ConfigDict({'model': 'not read'}), workdir)
-  assert (workdir / 'metrics.jsonl').read_text() == '{"step": 1}\n'
-  assert sorted(p.name for p in workdir.iterdir()) == ['.lock', 'metrics.jsonl']
-  with train.workdir_lock(workdir):  # released
-    pass
-
-
-def test_workdir_lock_dies_with_its_holder(tmp_path):
-  """A SIGKILLed run leaves no stale lock: its resume must not be refused."""
-  workdir = tmp_path / 'run'
-  holder = subprocess.Popen(
-      [sys.executable, '-c',
-       'import pathlib, sys, time\n'
-       'from drjax import train\n'
-       f'with train.workdir_lock(pathlib.Path({str(workdir)!r})):\n'
-       '  print("locked", flush=True)\n'
-       '  time.sleep(600)\n'],
-      stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == 'locked'
-    with pytest.raises(train.WorkdirBusyError, match=f'pid {holder.pid}'):
-      with train.workdir_lock(workdir):
-        pass
-  finally:
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-  with train.workdir_lock(workdir):
-    pass
-
-
 def test_evaluate_drops_the_padding_and_keeps_the_order(tiny):
   model, variables = tiny
   images = _batch(n=8)['image']
@@ -258,18 +212,6 @@ def test_build_model_takes_the_cpu_convolutions_only_when_asked():
   config.cpu_conv = True
   assert evaluate.build_model(config).conv_general_dilated == cpu_conv.make()
   assert evaluate.build_model(config).num_classes == 3
-
-
-def test_metric_writer_replays_a_resumed_run_from_its_checkpoint(tmp_path):
-  with train.metric_writer(tmp_path, 0) as write:
-    for step in range(1, 6):
-      write(step, {'train_loss': 1.0 / step})
-  with train.metric_writer(tmp_path, 3) as write:  # resumed at step 3's checkpoint
-    write(4, {'train_loss': 0.5})
-  rows = train.read_metrics_jsonl(tmp_path)
-  assert [r['step'] for r in rows] == [1, 2, 3, 4]
-  assert rows[-1]['train_loss'] == 0.5 and rows[1]['train_loss'] == 0.5
-  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
 
 
 @pytest.mark.parametrize('path, error', [(None, 'weights.path is required'),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -274,10 +274,12 @@ def sampling_probabilities(labels: np.ndarray,
 
 
 class _TrainIndex:
-  """Local position j of one process -> example index, for a grain MapDataset."""
+  """Local position j of one process -> example index (and, `with_position`, its position k in
+  the global stream), for a grain MapDataset."""
 
   def __init__(self, num_examples: int, probs: np.ndarray | None, seed: int, start_step: int,
-               global_batch: int, process_index: int, local_batch: int):
+               global_batch: int, process_index: int, local_batch: int,
+               with_position: bool = False):
     self.n = num_examples
     self.probs = probs
     self.seed = seed
@@ -285,6 +287,7 @@ class _TrainIndex:
     self.global_batch = global_batch
     self.offset = process_index * local_batch
     self.local_batch = local_batch
+    self.with_position = with_position
 
   def __len__(self) -> int:
     return _INFINITE
@@ -296,10 +299,11 @@ class _TrainIndex:
       return rng.permutation(self.n)
     return rng.choice(self.n, size=self.n, p=self.probs)
 
-  def __getitem__(self, j: int) -> int:
+  def __getitem__(self, j: int) -> int | tuple[int, int]:
     step = self.start_step + j // self.local_batch
     k = step * self.global_batch + self.offset + j % self.local_batch
-    return int(self._epoch(k // self.n)[k % self.n])
+    i = int(self._epoch(k // self.n)[k % self.n])
+    return (i, k) if self.with_position else i
 
 
 class _Load:
@@ -366,7 +370,9 @@ def _batched(ds: grain.MapDataset, config_input: mlc.ConfigDict, local_batch: in
 
 def make_train_iterator(config_input: mlc.ConfigDict, source: Source, batch_size: int,
                         seed: int, start_step: int = 0, process_index: int = 0,
-                        process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                        process_count: int = 1,
+                        load: Callable[[tuple[int, int]], dict] | None = None
+                        ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of oversampled, shuffled training batches.
 
   Args:
@@ -376,18 +382,21 @@ def make_train_iterator(config_input: mlc.ConfigDict, source: Source, batch_size
     seed: fixes the whole stream.
     start_step: the first batch is global step `start_step` of the stream (resume).
     process_index, process_count: multi-host sharding (jax.process_index()/process_count()).
+    load: `load((i, k))` -> the row of example i of `source` at position k of the global
+      stream, instead of its decoded image (drjax.trunk_cache reads its cached features).
 
   Yields:
     dict(image=uint8 [b, S, S, 3], label=int32 [b], masks=uint8 [b, S, S, 5] if
-    with_masks), b = B / process_count.
+    with_masks), or what `load` returns, b = B / process_count.
   """
   if len(source) == 0:
     raise ValueError('Cannot train on an empty source')
   local = _local_batch(batch_size, process_count)
   probs = sampling_probabilities(source.labels, config_input.class_weights)
-  index = _TrainIndex(len(source), probs, seed, start_step, batch_size, process_index, local)
+  index = _TrainIndex(len(source), probs, seed, start_step, batch_size, process_index, local,
+                      with_position=load is not None)
   ds = grain.MapDataset.source(index).map(
-      _Load(source, config_input.with_masks, _read_size(config_input)))
+      load or _Load(source, config_input.with_masks, _read_size(config_input)))
   return iter(_batched(ds, config_input, local, config_input.get('reader_processes', 0)))
 
 
@@ -411,8 +420,8 @@ class _EvalIndex:
 
 
 class _LoadPadded:
-  def __init__(self, source: Source, with_masks: bool, size: int | None):
-    self.load = _Load(source, with_masks, size)
+  def __init__(self, load: Callable[[int], dict[str, np.ndarray]]):
+    self.load = load
     self._template = None
 
   def __call__(self, index_valid: tuple[int, bool]) -> dict[str, np.ndarray]:
@@ -428,19 +437,22 @@ class _LoadPadded:
 
 
 def make_eval_iterator(config_input: mlc.ConfigDict, source: Source, batch_size: int,
-                       process_index: int = 0,
-                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                       process_index: int = 0, process_count: int = 1,
+                       load: Callable[[int], dict] | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
   """Finite iterator over every example exactly once, in order, last batch padded.
 
   All processes yield the same number of batches (ceil(N / B)); padded rows are zeros with
-  valid=False, so metrics must weight rows by `valid`.
+  valid=False, so metrics must weight rows by `valid`. `load(i)` replaces the decoding of
+  example i of `source` (drjax.trunk_cache reads its cached features).
 
   Yields:
     dict(image=uint8 [b, S, S, 3], label=int32 [b], valid=bool [b], masks=uint8
-    [b, S, S, 5] if with_masks), b = batch_size / process_count.
+    [b, S, S, 5] if with_masks), or what `load` returns and valid, b = batch_size /
+    process_count.
   """
   local = _local_batch(batch_size, process_count)
   index = _EvalIndex(len(source), batch_size, process_index, local)
   ds = grain.MapDataset.source(index).map(
-      _LoadPadded(source, config_input.with_masks, _read_size(config_input)))
+      _LoadPadded(load or _Load(source, config_input.with_masks, _read_size(config_input))))
   return iter(_batched(ds, config_input, local))

@@ -4,8 +4,9 @@
     variables = models.init_variables(model, rng)   # {'params', 'batch_stats'}
     logits = model.apply(variables, images, train=False)
 
-Every model exposes `stage_names` (its named taps, in forward order), `default_cam_layer`
-and `head_path`; see each module's docstring for the stages.
+Every model exposes `stage_names` (its named taps, in forward order), `cut_points` (where
+drjax.trunk_cache can cut its forward pass), `default_cam_layer` and `head_path`; see each
+module's docstring for the stages.
 """
 
 from collections.abc import Callable

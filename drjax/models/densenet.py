@@ -6,7 +6,8 @@ torchvision weights is a rename (see drjax.weights).
 
 Named stages (drjax.models.common.tap), in forward order: 'conv0' (conv0 + norm0 + relu0),
 'pool0', 'denseblock1', 'transition1', ..., 'transition3', 'denseblock4', 'norm5' (norm5 +
-ReLU: the trunk's final features).
+ReLU: the trunk's final features). Cut points (`cut_points`, drjax.trunk_cache) are the stages
+plus 'denseblockB/denselayerI': block B's concatenated features after its layer I.
 """
 
 import functools
@@ -48,7 +49,7 @@ class _DenseBlock(nn.Module):
   conv_general_dilated: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool, cut_fn: TapFn | None = None) -> jnp.ndarray:
     # torch.cat([init, new_1, new_2, ...], 1)'s channel order, written into one buffer of the
     # block's final width instead of concatenated anew by every layer.
     width = x.shape[-1]
@@ -59,6 +60,13 @@ class _DenseBlock(nn.Module):
                         name=f'denselayer{i + 1}')(block[..., :width], train)
       block = lax.dynamic_update_slice_in_dim(block, new.astype(block.dtype), width, axis=-1)
       width += self.growth_rate
+      if cut_fn is not None and i + 1 < self.num_layers:  # the last one is the block's stage
+        features = block[..., :width]
+        fed = cut_fn(f'{self.name}/denselayer{i + 1}', features)
+        if fed is not features:
+          # A fed cut point: the layers after it must read the fed features alone, in a
+          # fresh buffer, so that the ones before it are dead code.
+          block = lax.dynamic_update_slice_in_dim(jnp.zeros_like(block), fed, 0, axis=-1)
     return block
 
 
@@ -91,7 +99,8 @@ class _Features(nn.Module):
   conv_general_dilated: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool, tap_fn: TapFn) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool, tap_fn: TapFn,
+               cut_fn: TapFn | None = None) -> jnp.ndarray:
     x = layers.conv(self.num_init_features, 7, stride=2, padding=3, name='conv0',
                     dtype=self.dtype, conv_general_dilated=self.conv_general_dilated)(x)
     x = nn.relu(layers.batch_norm(train, name='norm0', dtype=self.dtype)(x))
@@ -100,7 +109,7 @@ class _Features(nn.Module):
     num_features = self.num_init_features
     for i, num_layers in enumerate(self.block_config):
       x = _DenseBlock(num_layers, self.growth_rate, self.bn_size, self.dtype,
-                      self.conv_general_dilated, name=f'denseblock{i + 1}')(x, train)
+                      self.conv_general_dilated, name=f'denseblock{i + 1}')(x, train, cut_fn)
       x = tap_fn(f'denseblock{i + 1}', x)
       num_features += num_layers * self.growth_rate
       if i != len(self.block_config) - 1:
@@ -145,6 +154,17 @@ class DenseNet(nn.Module):
     return tuple(names + ['norm5'])
 
   @property
+  def cut_points(self) -> tuple[str, ...]:
+    """Every cut point (drjax.models.common.cut), in forward order."""
+    names = ['conv0', 'pool0']
+    for i, num_layers in enumerate(self.block_config):
+      names += [f'denseblock{i + 1}/denselayer{j + 1}' for j in range(num_layers - 1)]
+      names.append(f'denseblock{i + 1}')
+      if i != len(self.block_config) - 1:
+        names.append(f'transition{i + 1}')
+    return tuple(names + ['norm5'])
+
+  @property
   def default_cam_layer(self) -> str:
     return f'denseblock{len(self.block_config)}'
 
@@ -154,7 +174,8 @@ class DenseNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = _Features(self.growth_rate, tuple(self.block_config), self.num_init_features,
                   self.bn_size, self.dtype, self.conv_general_dilated, name='features')(
-                      x, train, functools.partial(common.tap, self))
+                      x, train, functools.partial(common.tap, self),
+                      functools.partial(common.cut, self) if common.cutting(self) else None)
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
     x = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,
                  name='classifier')(x)

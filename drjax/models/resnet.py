@@ -5,7 +5,8 @@ torchvision's variant ("v1.5") strides the 3x3 convolution of the bottleneck, no
 `layer1/0/downsample/0/kernel`, `fc/kernel`).
 
 Named stages (drjax.models.common.tap), in forward order: 'stem' (conv1 + bn1 + relu +
-maxpool, the input of layer1), 'layer1', 'layer2', 'layer3', 'layer4'.
+maxpool, the input of layer1), 'layer1', 'layer2', 'layer3', 'layer4'. Cut points
+(`cut_points`, drjax.trunk_cache) are the stages plus 'layerL/I', the output of block I.
 """
 
 import functools
@@ -95,10 +96,13 @@ class _Layer(nn.Module):
   conv_general_dilated: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool,
+               cut_fn: Callable[[str, jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
     for i in range(self.num_blocks):
       x = self.block(self.planes, self.stride if i == 0 else 1, self.dtype,
                      self.zero_init_residual, self.conv_general_dilated, name=str(i))(x, train)
+      if cut_fn is not None and i + 1 < self.num_blocks:  # the last one is the layer's stage
+        x = cut_fn(f'{self.name}/{i}', x)
     return x
 
 
@@ -131,6 +135,14 @@ class ResNet(nn.Module):
     return ('stem',) + tuple(f'layer{i + 1}' for i in range(len(self.stage_sizes)))
 
   @property
+  def cut_points(self) -> tuple[str, ...]:
+    """Every cut point (drjax.models.common.cut), in forward order."""
+    names = ['stem']
+    for i, num_blocks in enumerate(self.stage_sizes):
+      names += [f'layer{i + 1}/{j}' for j in range(num_blocks - 1)] + [f'layer{i + 1}']
+    return tuple(names)
+
+  @property
   def default_cam_layer(self) -> str:
     return f'layer{len(self.stage_sizes)}'
 
@@ -143,10 +155,11 @@ class ResNet(nn.Module):
                     conv_general_dilated=self.conv_general_dilated)(x)
     x = nn.relu(layers.batch_norm(train, name='bn1', dtype=self.dtype)(x))
     x = common.tap(self, 'stem', layers.max_pool(x, 3, 2, 1))
+    cut_fn = functools.partial(common.cut, self) if common.cutting(self) else None
     for i, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
       x = _Layer(self.block, planes, num_blocks, 1 if i == 0 else 2, self.dtype,
                  self.zero_init_residual, self.conv_general_dilated,
-                 name=f'layer{i + 1}')(x, train)
+                 name=f'layer{i + 1}')(x, train, cut_fn)
       x = common.tap(self, f'layer{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))  # adaptive_avg_pool2d(., (1, 1))
     x = nn.Dense(self.num_classes, kernel_init=layers.torch_linear_init, dtype=self.dtype,

@@ -10,7 +10,8 @@ torchvision's NCHW-flattened weight accordingly).
 Named stages (drjax.models.common.tap), in forward order: 'conv1_1', 'conv1_2',
 'block1', 'conv2_1', ..., 'block5'. 'convB_I' is the post-ReLU output of the
 I-th convolution of block B (after its BatchNorm in the *_bn variants); 'blockB'
-is the same tensor as the block's last conv, before the block's max-pool.
+is the same tensor as the block's last conv, before the block's max-pool. Cut points
+(`cut_points`, drjax.trunk_cache) are the stages plus 'poolB', block B after its max-pool.
 """
 
 import functools
@@ -36,11 +37,12 @@ CFGS = {
 }
 
 
-def _stage_names(cfg: Sequence[int | str]) -> tuple[str, ...]:
+def _stage_names(cfg: Sequence[int | str], pools: bool = False) -> tuple[str, ...]:
+  """The stages in forward order; with `pools`, each block's 'poolB' after its 'blockB'."""
   names, block, conv = [], 1, 1
   for v in cfg:
     if v == 'M':
-      names.append(f'block{block}')
+      names += [f'block{block}'] + ([f'pool{block}'] if pools else [])
       block, conv = block + 1, 1
     else:
       names.append(f'conv{block}_{conv}')
@@ -56,12 +58,15 @@ class _Features(nn.Module):
   conv_general_dilated: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool, tap_fn: TapFn) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool, tap_fn: TapFn,
+               cut_fn: TapFn | None = None) -> jnp.ndarray:
     index, block, conv = 0, 1, 1
     for v in self.cfg:
       if v == 'M':
         x = tap_fn(f'block{block}', x)
         x = layers.max_pool(x, 2, 2)
+        if cut_fn is not None:
+          x = cut_fn(f'pool{block}', x)
         index, block, conv = index + 1, block + 1, 1
         continue
       x = layers.conv(v, 3, padding=1, use_bias=True, name=str(index),
@@ -127,6 +132,11 @@ class VGG(nn.Module):
     return _stage_names(self.cfg)
 
   @property
+  def cut_points(self) -> tuple[str, ...]:
+    """Every cut point (drjax.models.common.cut), in forward order."""
+    return _stage_names(self.cfg, pools=True)
+
+  @property
   def default_cam_layer(self) -> str:
     return self.stage_names[-1]
 
@@ -136,7 +146,8 @@ class VGG(nn.Module):
     x = jnp.asarray(x, self.dtype)
     x = _Features(tuple(self.cfg), self.batch_norm, self.dtype, self.conv_general_dilated,
                   name='features')(
-        x, train, functools.partial(common.tap, self))
+        x, train, functools.partial(common.tap, self),
+        functools.partial(common.cut, self) if common.cutting(self) else None)
     x = layers.adaptive_avg_pool(x, (self.pool_size, self.pool_size))
     x = x.reshape(x.shape[0], -1)  # NHWC order; see drjax.weights for the permutation.
     x = _Classifier(self.hidden, self.num_classes, self.dropout, self.dtype,
