@@ -26,6 +26,7 @@ pytest.importorskip('sklearn')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytorch_grad_cam  # noqa: E402
+from jax.extend import core as jex_core  # noqa: E402
 from pytorch_grad_cam import (  # noqa: E402
   FEM,
   KPCA_CAM,
@@ -270,3 +271,22 @@ def test_bad_inputs_raise_clear_errors(nets):
     cams.kpcacam(model, variables, xj, layer=STAGE, kernel='laplace')
   with pytest.raises(ValueError, match='targets must be'):
     cams.eigencam(model, variables, xj, layer=STAGE, targets=[1, 2, 3])
+
+
+@pytest.mark.parametrize('map_fn, primitive', [(maps.kpca_map, 'eigh'),
+                                               (maps.eigencam_map, 'svd')])
+def test_decompositions_run_one_matrix_at_a_time(map_fn, primitive):
+  """jaxlib's batched eigh/SVD deadlocked XLA:CPU with two CPU devices: never batch them."""
+  acts = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 8))
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == primitive:
+        found.append(eqn.invars[0].aval.shape)
+      for sub in jex_core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(map_fn)(acts).jaxpr)
+  assert found and all(len(shape) == 2 for shape in found), found
+  np.testing.assert_allclose(map_fn(acts)[1, 2], map_fn(acts[1, 2]), rtol=1e-5, atol=1e-6)

@@ -79,7 +79,7 @@ def eigencam_map(acts: Array) -> Array:
     `[..., h, w]`.
   """
   flat = _centred_positions(acts)
-  _, _, vt = jnp.linalg.svd(flat, full_matrices=False)
+  _, _, vt = _per_matrix(lambda m: jnp.linalg.svd(m, full_matrices=False), flat)
   proj = jnp.einsum('...nc,...c->...n', flat, vt[..., 0, :], precision=jax.lax.Precision.HIGHEST)
   flip = jnp.abs(proj.min(-1, keepdims=True)) > jnp.abs(proj.max(-1, keepdims=True))
   return jnp.where(flip, -proj, proj).reshape(acts.shape[:-1])
@@ -132,12 +132,24 @@ def kpca_map(acts: Array, kernel: str = 'sigmoid', gamma: float | None = None,
   # Centring in feature space (sklearn's KernelCenterer).
   gram = (gram - gram.mean(-1, keepdims=True) - gram.mean(-2, keepdims=True)
           + gram.mean((-2, -1), keepdims=True))
-  eigvals, eigvecs = jnp.linalg.eigh(gram)
+  eigvals, eigvecs = _per_matrix(jnp.linalg.eigh, gram)
   vec = eigvecs[..., :, -1]
   peak = jnp.take_along_axis(vec, jnp.abs(vec).argmax(-1, keepdims=True), -1)
   vec = jnp.where(peak < 0, -vec, vec)
   proj = vec * jnp.sqrt(jnp.maximum(eigvals[..., -1:], 0.0))
   return proj.reshape(acts.shape[:-1])
+
+
+def _per_matrix(decompose, x: Array):
+  """`decompose` of each matrix `[..., n, m]` in turn (`lax.map`), never as one batched call.
+
+  jaxlib's batched LAPACK calls spread their matrices over XLA:CPU's thread pool and wait on
+  them from inside it, which deadlocks when jax has several CPU devices (JAX_NUM_CPU_DEVICES)
+  and every pool thread is such a waiter.
+  """
+  flat = x.reshape(-1, *x.shape[-2:])
+  out = jax.lax.map(decompose, flat)
+  return jax.tree.map(lambda y: y.reshape(*x.shape[:-2], *y.shape[1:]), out)
 
 
 def _centred_positions(x: Array) -> Array:
