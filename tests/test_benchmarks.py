@@ -1,10 +1,12 @@
 """benchmarks/common.py's lockstep: two worker processes take turns at every timed repeat.
 
 The workers here are stand-ins that time a step recording `time.monotonic()` (one clock
-for every process), so the tests see exactly who ran when.
+for every process), so the tests see exactly who ran when. At the end, bench_cam_methods.py
+end to end on the tiny DenseNet.
 """
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +202,44 @@ def test_versions_come_from_metadata_without_importing_the_frameworks():
   assert imported.strip() == 'False'
   for name in ('jax', 'flax', 'torch', 'torchvision', 'grad-cam', 'python'):
     assert repr(name) in names
+
+
+def test_bench_cam_methods_quick_writes_a_row_per_method(tmp_path):
+  from benchmarks import bench_cam_methods
+
+  bench_cam_methods.main(['--quick', '--arch=densenet_tiny', '--methods=gradcam,scorecam',
+                          '--threads=1', f'--out_dir={tmp_path}'])
+  payload = json.loads((tmp_path / 'bench_cam_methods_quick.json').read_text())
+  rows = {r['method']: r for r in payload['rows']}
+  assert list(rows) == ['gradcam', 'scorecam']
+  for r in rows.values():
+    assert r['errors'] is None, r['errors']
+    assert r['torch_side'] == 'pytorch-grad-cam'
+    assert r['jax_images_per_s'] > 0 and r['torch_images_per_s'] > 0
+    assert r['paired_ratio_median'] is not None   # timed in lockstep
+  # Score-CAM runs on --slow_batch images, one timed repeat; every repeat is in the results.
+  assert (rows['gradcam']['batch'], rows['scorecam']['batch']) == (2, 1)
+  assert {(r['method'], r['framework']): len(r['cam']['times_s'])
+          for r in payload['results']} == {('gradcam', 'jax'): 2, ('gradcam', 'torch'): 2,
+                                           ('scorecam', 'jax'): 1, ('scorecam', 'torch'): 1}
+  assert abs(rows['gradcam']['forward_passes'] - 1) < 0.05
+  # The tiny DenseNet's 9 channels at denseblock4 make one chunk of 32 masked forward passes
+  # inside a loop (XLA's own cost analysis counts a loop's body once).
+  assert 32 < rows['scorecam']['forward_passes'] < 34
+  assert '| scorecam (batch 1) |' in payload['readme']
+
+
+def test_bench_cam_methods_a_worker_past_its_timeout_is_a_failed_row(tmp_path):
+  from benchmarks import bench_cam_methods
+
+  # 2 s per worker: the drjax worker is still starting (importing, compiling) when it is killed.
+  payload = bench_cam_methods.main(['--quick', '--arch=densenet_tiny', '--methods=gradcam',
+                                    '--threads=1', '--timeout_s=2', f'--out_dir={tmp_path}'])
+  (row,) = payload['rows']
+  assert 'jax: timed out' in row['errors']['jax']
+  assert row['jax_images_per_s'] is None and row['forward_passes'] is None
+  assert '| gradcam | n/a | n/a | n/a | FAILED: jax: lockstep: jax: timed out' in payload['readme']
+  # Where it was when it stalled: its Python stacks, dumped shortly before the timeout.
+  (jax_result,) = [r for r in payload['results'] if r['framework'] == 'jax']
+  assert 'File ' in jax_result['stall_traceback']
+  assert (tmp_path / 'bench_cam_methods_quick.json').exists()
